@@ -1,0 +1,14 @@
+"""Test set-up shared by every test module.
+
+Four simulated CPU devices let the pmapped steps and the cross-device
+BatchNorm really run; this must be set before jax is first imported.
+"""
+
+import os
+
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# Keep TensorFlow (used only by tf.data) from competing for the two cores'
+# worth of threads with XLA, and quiet its start-up chatter.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
