@@ -45,7 +45,7 @@ def detected_cluster() -> str | None:
   # NOTE: jax has no public API for this; `ClusterEnv._cluster_types` is the
   # list jax.distributed.initialize itself walks (jax 0.10.2).
   from jax._src import clusters  # pylint: disable=g-import-not-at-top
-  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=W0212
     if not env.opt_in_only_method and env.is_env_present():
       return env.name or env.__name__
   return None
