@@ -1,13 +1,15 @@
 """Multi-host start-up and preemption handling shared by all processes.
 
 A pod job runs this code once per host. `initialize` joins the processes into
-one JAX system, and `PreemptionWatcher` turns a SIGTERM seen by any process
-into one step at which every process stops, saves and exits with
+one JAX system; `catch_sigterm` and `should_stop` turn a SIGTERM seen by any
+process into one step at which every process stops, saves and exits with
 `PREEMPTED_EXIT_CODE`.
 """
 
+import contextlib
 import signal
 import types
+from collections.abc import Iterator
 
 from absl import logging
 import jax
@@ -19,6 +21,9 @@ import numpy as np
 # command, which resumes from that checkpoint. Distinct from 0 (finished),
 # 1 (a Python error) and 128 + n (killed by signal n).
 PREEMPTED_EXIT_CODE = 42
+
+# Set by the SIGTERM handler of `catch_sigterm`.
+_sigterm_received = False
 
 
 class Preempted(Exception):
@@ -131,56 +136,59 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(flags))
 
 
-class PreemptionWatcher:
-  """Agrees across processes on the step at which to stop for preemption.
+@contextlib.contextmanager
+def catch_sigterm() -> Iterator[None]:
+  """Within the block, SIGTERM sets a flag that `should_stop` reads.
 
-  The SIGTERM handler only sets a flag (a handler runs between two Python
-  bytecodes, so it must not save or exit itself). `should_stop(step)` is
-  called by every process after every step; every `check_every_steps`
-  steps it combines the flags of all processes with `any_process`, so all
-  of them return True at the same step and the fast path between checks
-  costs one integer comparison.
+  The handler only sets the flag: it runs between two Python bytecodes of
+  the main thread, wherever that is, so it must not save or exit itself.
+  Enter it after `initialize`; the previous handler returns on exit.
 
-  NOTE: jax.distributed.initialize installs its own C++ SIGTERM notifier
-  for `multihost_utils.reached_preemption_sync_point` (orbax's
-  `CheckpointManager.reached_preemption` wraps it). That protocol needs a
-  call every step, agrees on a step only after a background round trip
+  NOTE: jax.distributed.initialize installs a C++ SIGTERM notifier of its
+  own for `multihost_utils.reached_preemption_sync_point` (which orbax's
+  `CheckpointManager.reached_preemption` wraps). That protocol must be
+  polled every step, settles on a step only after a background round trip
   through the coordination service (tens of steps later in our CPU tests,
-  so a short run can end first), and does nothing in a single-process run.
-  Our Python handler, installed after initialize, replaces that notifier
-  (the last handler installed for a signal wins), which gives one
-  mechanism, exercised by the same tests, for one and many processes.
+  so a short run may end first) and does nothing for a single process. Our
+  handler replaces it (the last handler installed wins), which gives one
+  mechanism, tested the same way, for one process and for many.
   """
+  global _sigterm_received
+  _sigterm_received = False
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    yield
+  finally:
+    # None: the previous handler was not installed from Python.
+    signal.signal(signal.SIGTERM,
+                  signal.SIG_DFL if previous is None else previous)
 
-  def __init__(self, check_every_steps: int):
-    if check_every_steps < 1:
-      raise ValueError(
-          f'check_every_steps={check_every_steps}; it must be >= 1.')
-    self.check_every_steps = check_every_steps
-    self.signal_received = False
-    self._previous_handler = None
 
-  def __enter__(self) -> 'PreemptionWatcher':
-    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-    return self
+def _on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+  del signum, frame  # Unused; the flag is all the loop needs.
+  global _sigterm_received
+  _sigterm_received = True
 
-  def __exit__(self, *exc_info) -> None:
-    signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
-    self._previous_handler = None
 
-  def _on_sigterm(self, signum: int, frame: types.FrameType | None) -> None:
-    del signum, frame  # Unused; the flag is all the loop needs.
-    self.signal_received = True
+def sigterm_received() -> bool:
+  """Whether this process got SIGTERM inside `catch_sigterm`."""
+  return _sigterm_received
 
-  def should_stop(self, step: int) -> bool:
-    """Returns the same answer on every process; collective at check steps."""
-    if step % self.check_every_steps:
-      return False
-    stop = any_process(self.signal_received)
-    if stop:
-      logging.warning(
-          'Preemption notice (SIGTERM) received by %s; all %d processes '
-          'stop at step %d.',
-          'this process' if self.signal_received else 'another process',
-          jax.process_count(), step)
-    return stop
+
+def should_stop(step: int, check_every_steps: int) -> bool:
+  """True on every process at the same step once any of them got SIGTERM.
+
+  Call it after every step on every process. Only every
+  `check_every_steps` steps does it combine the processes' flags (a
+  collective that waits for the devices); other steps cost one modulo.
+  """
+  if step % check_every_steps:
+    return False
+  stop = any_process(_sigterm_received)
+  if stop:
+    logging.warning(
+        'Preemption notice (SIGTERM) received by %s; all %d processes stop '
+        'at step %d.',
+        'this process' if _sigterm_received else 'another process',
+        jax.process_count(), step)
+  return stop

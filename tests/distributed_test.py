@@ -59,23 +59,25 @@ class TestInitialize:
       distributed.initialize(**kwargs)
 
 
-class TestPreemptionWatcher:
+class TestPreemption:
 
   def test_single_process_stops_at_next_check_step(self):
     previous = signal.getsignal(signal.SIGTERM)
-    with distributed.PreemptionWatcher(check_every_steps=3) as watcher:
-      assert not watcher.should_stop(3)
+    with distributed.catch_sigterm():
+      assert not distributed.should_stop(3, check_every_steps=3)
       os.kill(os.getpid(), signal.SIGTERM)
-      assert watcher.signal_received
+      assert distributed.sigterm_received()
       # Between check steps the answer stays False without any collective.
-      assert not watcher.should_stop(4)
-      assert not watcher.should_stop(5)
-      assert watcher.should_stop(6)
+      assert not distributed.should_stop(4, check_every_steps=3)
+      assert not distributed.should_stop(5, check_every_steps=3)
+      assert distributed.should_stop(6, check_every_steps=3)
     assert signal.getsignal(signal.SIGTERM) is previous
 
-  def test_rejects_non_positive_interval(self):
-    with pytest.raises(ValueError, match='check_every_steps=0'):
-      distributed.PreemptionWatcher(check_every_steps=0)
+  def test_flag_is_cleared_on_entry(self):
+    with distributed.catch_sigterm():
+      os.kill(os.getpid(), signal.SIGTERM)
+    with distributed.catch_sigterm():
+      assert not distributed.should_stop(1, check_every_steps=1)
 
 
 class TestMultiProcess:

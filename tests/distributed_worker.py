@@ -5,7 +5,7 @@ Scenarios (--scenario):
            prints the pmapped psum over all devices of all processes.
   preempt  runs --num_steps tiny pmapped steps; process --sigterm_process
            sends itself SIGTERM after step --sigterm_at_step; every process
-           asks a PreemptionWatcher whether to stop, and exits with
+           asks `distributed.should_stop` after each step, and exits with
            PREEMPTED_EXIT_CODE at the agreed step.
 Each prints one line `RESULT {json}` for the test to parse.
 """
@@ -27,7 +27,7 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.DEFINE_enum('scenario', 'psum', ['psum', 'preempt'], 'What to run.')
 flags.DEFINE_integer('num_steps', 50, 'Steps in the preempt scenario.')
-flags.DEFINE_integer('check_every_steps', 4, 'PreemptionWatcher interval.')
+flags.DEFINE_integer('check_every_steps', 4, 'Steps between should_stop checks.')
 flags.DEFINE_integer('sigterm_process', 1, 'Process that gets SIGTERM.')
 flags.DEFINE_integer('sigterm_at_step', 5, 'Step after which it gets it.')
 FLAGS = flags.FLAGS
@@ -55,17 +55,17 @@ def main(argv):
   # A cross-device step keeps the devices as busy as a train step would.
   p_step = jax.pmap(lambda v: v + jax.lax.pmean(v, 'batch') * 1e-3,
                     axis_name='batch')
-  with distributed.PreemptionWatcher(FLAGS.check_every_steps) as watcher:
+  with distributed.catch_sigterm():
     for step in range(1, FLAGS.num_steps + 1):
       x = p_step(x)
       if (jax.process_index() == FLAGS.sigterm_process
           and step == FLAGS.sigterm_at_step):
         os.kill(os.getpid(), signal.SIGTERM)
-      if watcher.should_stop(step):
-        _report(stopped_at=step, signal_received=watcher.signal_received)
+      if distributed.should_stop(step, FLAGS.check_every_steps):
+        _report(stopped_at=step,
+                signal_received=distributed.sigterm_received())
         sys.exit(distributed.PREEMPTED_EXIT_CODE)
-  _report(stopped_at=None, signal_received=watcher.signal_received)
-
+  _report(stopped_at=None, signal_received=distributed.sigterm_received())
 
 if __name__ == '__main__':
   app.run(main)

@@ -67,6 +67,27 @@ class Launch:
     for p in self.procs:
       p.wait()
 
+  def wait_for_output(self, text: str, timeout_s: float) -> int:
+    """Waits until some process logs `text`; returns that process's id.
+
+    Raises:
+      TimeoutError: if no process logged it before the deadline or before
+        all of them ended; the message holds their logs.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      for i, path in enumerate(self.log_paths):
+        with open(path, errors='replace') as f:
+          if text in f.read():
+            return i
+      if None not in [p.poll() for p in self.procs]:
+        break
+      time.sleep(0.1)
+    results = [ProcessResult(i, p.poll(), path) for i, (p, path)
+               in enumerate(zip(self.procs, self.log_paths))]
+    raise TimeoutError(f'No process printed {text!r}.\n'
+                       f'{describe(results)}')
+
   def wait(self, timeout_s: float) -> list[ProcessResult]:
     """Waits for all processes; kills every one left at the deadline."""
     deadline = time.monotonic() + timeout_s
