@@ -27,7 +27,7 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.DEFINE_enum('scenario', 'psum', ['psum', 'preempt'], 'What to run.')
 flags.DEFINE_integer('num_steps', 50, 'Steps in the preempt scenario.')
-flags.DEFINE_integer('check_every_steps', 4, 'Steps between should_stop checks.')
+flags.DEFINE_integer('check_every_steps', 4, 'Steps between agreements.')
 flags.DEFINE_integer('sigterm_process', 1, 'Process that gets SIGTERM.')
 flags.DEFINE_integer('sigterm_at_step', 5, 'Step after which it gets it.')
 FLAGS = flags.FLAGS
