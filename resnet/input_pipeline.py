@@ -19,6 +19,7 @@ import io
 import math
 import os
 import re
+import uuid
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from flax import jax_utils
@@ -29,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnet import digits  # pylint: disable=unused-import  (registers it)
+from resnet import preprocessing
 
 # tf.data only feeds host memory; the accelerator belongs to JAX.
 try:
@@ -40,11 +42,6 @@ RECIPES = ('cifar', 'digits', 'imagenet')
 NORMALIZATIONS = ('per_pixel_mean', 'per_channel')
 # Known data sets whose evaluation split is not `test`.
 _EVAL_SPLITS = {'imagenet2012': 'validation', 'imagenette': 'validation'}
-# Per-channel RGB statistics of ImageNet's training images, in [0, 1] units.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-# The eval crop keeps 224/256 of the shorter side (resize to 256, crop 224).
-_CENTER_CROP_FRACTION = 224 / 256
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -232,7 +229,7 @@ def _image_statistics(builder, split, channels) -> dict[str, np.ndarray]:
     with tf.io.gfile.GFile(path, 'rb') as f:
       return dict(np.load(io.BytesIO(f.read())))
   ds, _ = _read(builder, split, cache=False)
-  ds = ds.map(lambda image, _: _decode(image, channels),
+  ds = ds.map(lambda image, _: preprocessing.decode(image, channels),
               num_parallel_calls=tf.data.AUTOTUNE).batch(512)
   total, total_sq, count = 0.0, 0.0, 0
   for images in ds.as_numpy_iterator():
@@ -251,114 +248,11 @@ def _image_statistics(builder, split, channels) -> dict[str, np.ndarray]:
   if builder.is_prepared():
     buffer = io.BytesIO()
     np.savez(buffer, **stats)
-    temp = f'{path}.tmp-{os.getpid()}-{np.random.randint(1 << 30)}'
+    temp = f'{path}.tmp-{uuid.uuid4().hex}'
     with tf.io.gfile.GFile(temp, 'wb') as f:
       f.write(buffer.getvalue())
     tf.io.gfile.rename(temp, path, overwrite=True)
   return stats
-
-
-def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
-  image = tf.io.decode_image(encoded, channels=channels,
-                             expand_animations=False)
-  return tf.ensure_shape(image, [None, None, channels])
-
-
-def _decode_and_crop(encoded: tf.Tensor, window_fn) -> tf.Tensor:
-  """Decodes only the window [y, x, h, w] that `window_fn(shape)` picks.
-
-  JPEG decoding is fused with the crop (the ImageNet case, where most of a
-  large image is thrown away); other formats are decoded whole and sliced.
-  """
-  def jpeg():
-    window = window_fn(tf.image.extract_jpeg_shape(encoded))
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-
-  def other():
-    image = _decode(encoded, 3)
-    y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
-    return image[y:y + h, x:x + w]
-
-  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-
-
-def _center_window(shape) -> tf.Tensor:
-  side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
-                 * _CENTER_CROP_FRACTION, tf.int32)
-  return tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side,
-                   side])
-
-
-def _inception_window(shape, seed) -> tf.Tensor:
-  """Random crop of 8-100 % of the area, aspect ratio in [3/4, 4/3]."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  window = tf.stack([begin[0], begin[1], size[0], size[1]])
-  # After 10 failed attempts the whole image comes back: crop the centre.
-  failed = tf.reduce_all(tf.equal(size[:2], shape[:2]))
-  return tf.cond(failed, lambda: _center_window(shape), lambda: window)
-
-
-def _scale_window(shape, seed, size) -> tf.Tensor:
-  """The paper's scale augmentation, expressed in source pixels.
-
-  Resizing the shorter side to s in [256, 480] and cropping size x size is
-  the same as cropping a square of side size * shorter / s here and
-  resizing it to size x size, which lets the crop fuse with decoding.
-  """
-  seeds = tf.random.split(seed, 3)
-  low, high = round(256 * size / 224), round(480 * size / 224)
-  scale = tf.random.stateless_uniform([], seeds[0], low, high + 1, tf.int32)
-  shorter = tf.minimum(shape[0], shape[1])
-  side = tf.minimum(shorter, shorter * size // scale)
-  y = tf.random.stateless_uniform([], seeds[1], 0, shape[0] - side + 1,
-                                  tf.int32)
-  x = tf.random.stateless_uniform([], seeds[2], 0, shape[1] - side + 1,
-                                  tf.int32)
-  return tf.stack([y, x, side, side])
-
-
-def _make_preprocess(recipe, size, norm, channels, stats, train,
-                     scale_augmentation):
-  """Returns fn(encoded, seed) -> float32 [size, size, C] normalised image."""
-  if recipe == 'imagenet':
-    mean, std = _IMAGENET_MEAN, _IMAGENET_STD
-  elif norm == 'per_pixel_mean':  # The paper: subtract the mean image.
-    mean, std = stats['mean_image'], 1.0
-  else:
-    mean, std = stats['channel_mean'], stats['channel_std']
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
-
-  def preprocess(encoded, seed):
-    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-    if recipe == 'imagenet':
-      if not train:
-        window_fn = _center_window
-      elif scale_augmentation:
-        window_fn = lambda shape: _scale_window(shape, crop_seed, size)
-      else:
-        window_fn = lambda shape: _inception_window(shape, crop_seed)
-      image = _decode_and_crop(encoded, window_fn)
-      image = tf.image.resize(image, [size, size], antialias=True)
-    else:
-      image = tf.cast(_decode(encoded, channels), tf.float32)
-    image = (image / 255.0 - mean) / std
-    if train and recipe != 'imagenet':
-      # Zero padding after normalisation pads with the mean (paper: 4 px;
-      # digits: 2 px, a small shift).
-      pad = 4 if recipe == 'cifar' else 2
-      padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-      image = tf.image.stateless_random_crop(
-          padded, [size, size, channels], crop_seed)
-    if train and recipe != 'digits':  # Digits are not mirror-symmetric.
-      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return tf.ensure_shape(image, [size, size, channels])
-
-  return preprocess
 
 
 def _batch_sizes(batch_size, field, process_count, local_device_count):
@@ -399,9 +293,9 @@ def _setup(config, process_index, process_count, local_device_count, train):
   stats = None
   if recipe != 'imagenet':  # Statistics of the train split, as in the paper.
     stats = _image_statistics(builder, train_split, channels)
-  preprocess = _make_preprocess(
-      recipe, size, norm, channels, stats, train,
-      _field(config, 'scale_augmentation'))
+  preprocess = preprocessing.make_preprocess(
+      recipe, size, norm, channels, stats, train=train,
+      scale_augmentation=_field(config, 'scale_augmentation'))
   split = train_split if train else eval_split
   shard = tfds.even_splits(split, n=process_count)[process_index]
   return dict(builder=builder, split=split, shard=shard,

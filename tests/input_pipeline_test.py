@@ -155,9 +155,10 @@ def test_train_shards_are_disjoint_and_cover_the_split(data_dir):
 
 
 def test_same_seed_same_batches_and_resume_matches(data_dir):
-  # 1,437 examples in batches of 32: step 44 straddles epochs 0 and 1.
+  # 1,437 examples in batches of 32: step 44 straddles epochs 0 and 1,
+  # step 45 starts 3 examples into epoch 1.
   config = make_config(data_dir)
-  reference = take(input_pipeline.create_train_iterator(config), 46)
+  reference = take(input_pipeline.create_train_iterator(config), 47)
   again = take(input_pipeline.create_train_iterator(config), 3)
   for a, b in zip(reference, again):
     np.testing.assert_array_equal(a['image'], b['image'])
@@ -169,7 +170,7 @@ def test_same_seed_same_batches_and_resume_matches(data_dir):
   assert not np.array_equal(other['image'], reference[0]['image'])
 
   config.seed = 0
-  for start_step in (3, 44):
+  for start_step in (3, 44, 45):
     resumed = take(input_pipeline.create_train_iterator(
         config, start_step=start_step), 2)
     for a, b in zip(reference[start_step:], resumed):
@@ -227,6 +228,30 @@ def test_imagenet2012_mock_batches(tmp_path, scale_augmentation):
     assert -2.2 <= batch['image'].min() and batch['image'].max() <= 2.7
   assert len(evaluation) == 2
   assert sum(b['mask'].sum() for b in evaluation) == 10
+
+
+def test_imagenet_recipe_decodes_png_too(tmp_path):
+  # CIFAR's images are PNG, so the crop cannot be fused with decoding.
+  config = make_config(tmp_path, dataset='cifar10', recipe='imagenet',
+                       image_size=48, batch_size=8)
+  with tfds.testing.mock_data(num_examples=8):
+    train = next(input_pipeline.create_train_iterator(config))
+    evaluation = next(iter(input_pipeline.create_eval_iterator(config)))
+  assert train['image'].shape == evaluation['image'].shape == (4, 2, 48, 48,
+                                                               3)
+  assert np.isfinite(train['image']).all()
+
+
+@pytest.mark.parametrize('dataset,recipe,image_shape', [
+    ('cifar100', 'cifar', (32, 32, 3)),
+    ('mnist', 'cifar', (28, 28, 1)),
+    ('imagenette', 'imagenet', (224, 224, 3)),
+    ('oxford_flowers102', 'imagenet', (224, 224, 3))])
+def test_recipe_is_chosen_by_dataset(tmp_path, dataset, recipe, image_shape):
+  with tfds.testing.mock_data(num_examples=2):
+    info = input_pipeline.get_dataset_info(make_config(tmp_path,
+                                                       dataset=dataset))
+  assert (info.recipe, info.image_shape) == (recipe, image_shape)
 
 
 def test_prefetch_to_device_shards_batches_ahead():
