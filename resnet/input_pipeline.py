@@ -20,7 +20,7 @@ import math
 import os
 import re
 import uuid
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from flax import jax_utils
 import jax
@@ -57,7 +57,9 @@ def default_input_config() -> ml_collections.ConfigDict:
       # '' = per_pixel_mean for cifar and digits, per_channel for imagenet.
       'normalization': '',
       'scale_augmentation': False,  # ImageNet: shorter side in [256, 480].
-      'cache': True,  # Keep encoded records in memory after the first pass.
+      # Keep encoded records in memory after the first pass (not for
+      # ImageNet's train split, about 140 GB).
+      'cache': True,
       'shuffle_buffer_size': 16_384,
       'batch_size': 128,  # Global, over all processes and devices.
       'eval_batch_size': 0,  # 0 = batch_size.
@@ -100,6 +102,8 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         f'dataset={name!r} has features {list(features.keys())}; accepted '
         'are data sets with an `image` and a class `label` feature.')
   if builder.name == 'digits' and not builder.is_prepared():
+    # TODO: on several hosts sharing data_dir, let only process 0 prepare,
+    # behind a barrier; digits is a single-host data set, so left for now.
     builder.download_and_prepare()  # Offline: the data ships with sklearn.
   return builder
 
@@ -121,8 +125,7 @@ def _not_prepared_error(builder) -> FileNotFoundError:
 
 
 def _read(builder, split, cache: bool) -> tuple[tf.data.Dataset, int]:
-  """Encoded (image, label) records of `split`, in a fixed order, and their
-  number."""
+  """Encoded (image, label) records of `split` in a fixed order; count."""
   read_config = tfds.ReadConfig(shuffle_seed=0, try_autocache=False)
   try:
     ds = builder.as_dataset(
@@ -266,8 +269,24 @@ def _batch_sizes(batch_size, field, process_count, local_device_count):
   return batch_size // process_count, batch_size // devices
 
 
-def _setup(config, process_index, process_count, local_device_count, train):
-  """Everything the train and eval streams share."""
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What the train and eval streams of one process share."""
+  builder: tfds.core.DatasetBuilder
+  split: str  # The whole split, over all processes.
+  shard: Any  # This process's even part of it (a TFDS split object).
+  preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+  image_shape: tuple[int, int, int]
+  process_index: int
+  process_count: int
+  local_device_count: int
+  local_batch: int
+  per_device_batch: int
+
+
+def _setup(config, process_index, process_count, local_device_count,
+           train) -> _Setup:
+  """Validates the config and the process layout for one stream."""
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -283,8 +302,8 @@ def _setup(config, process_index, process_count, local_device_count, train):
     field = 'eval_batch_size'
     batch_size = (_field(config, 'eval_batch_size')
                   or _field(config, 'batch_size'))
-  local_batch, per_device = _batch_sizes(batch_size, field, process_count,
-                                         local_device_count)
+  local_batch, per_device_batch = _batch_sizes(
+      batch_size, field, process_count, local_device_count)
   builder = _builder(config)
   train_split, eval_split = _splits(config, builder)
   recipe, size, norm = _recipe(config, builder)
@@ -298,20 +317,18 @@ def _setup(config, process_index, process_count, local_device_count, train):
       scale_augmentation=_field(config, 'scale_augmentation'))
   split = train_split if train else eval_split
   shard = tfds.even_splits(split, n=process_count)[process_index]
-  return dict(builder=builder, split=split, shard=shard,
-              preprocess=preprocess, local_batch=local_batch,
-              per_device=per_device, local_device_count=local_device_count,
-              process_index=process_index, process_count=process_count,
-              image_shape=(size, size, channels))
+  return _Setup(builder, split, shard, preprocess, (size, size, channels),
+                process_index, process_count, local_device_count,
+                local_batch, per_device_batch)
 
 
-def _finish(ds, setup) -> tf.data.Dataset:
+def _finish(ds, setup: _Setup) -> tf.data.Dataset:
   """Batches, shapes [local_devices, per_device_batch, ...] and prefetches."""
-  ds = ds.batch(setup['local_batch'], drop_remainder=True)
+  ds = ds.batch(setup.local_batch, drop_remainder=True)
+  devices = (setup.local_device_count, setup.per_device_batch)
 
   def to_devices(batch):
-    return {k: tf.reshape(v, (setup['local_device_count'],
-                              setup['per_device']) + tuple(v.shape[1:]))
+    return {k: tf.reshape(v, devices + tuple(v.shape[1:]))
             for k, v in batch.items()}
 
   ds = ds.map(to_devices).prefetch(tf.data.AUTOTUNE)
@@ -333,14 +350,13 @@ def create_train_iterator(
   """
   setup = _setup(config, process_index, process_count, local_device_count,
                  train=True)
-  records, shard_size = _read(setup['builder'], setup['shard'],
+  records, shard_size = _read(setup.builder, setup.shard,
                               _field(config, 'cache'))
   if shard_size == 0:
-    raise ValueError(f'split {setup["shard"]!r} of {config.dataset!r} is '
-                     'empty for this process.')
+    raise ValueError(f'{setup.shard} of {setup.builder.name!r} is empty; '
+                     'every process needs train examples.')
   key = tf.random.fold_in(
-      tf.constant([_field(config, 'seed'), 0], tf.int64),
-      setup['process_index'])
+      tf.constant([_field(config, 'seed'), 0], tf.int64), setup.process_index)
   shuffle_key, augment_key = tf.unstack(tf.random.split(key, 2))
   buffer_size = _field(config, 'shuffle_buffer_size')
 
@@ -353,9 +369,9 @@ def create_train_iterator(
   def preprocess(position, record):
     image, label = record
     seed = tf.random.fold_in(augment_key, position)
-    return {'image': setup['preprocess'](image, seed), 'label': label}
+    return {'image': setup.preprocess(image, seed), 'label': label}
 
-  start = start_step * setup['local_batch']
+  start = start_step * setup.local_batch
   start_epoch = start // shard_size
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
   # Positions count examples from the start of training, so augmentations
@@ -384,17 +400,15 @@ def num_eval_steps(config: ml_collections.ConfigDict, *,
                    process_count: Optional[int] = None,
                    local_device_count: Optional[int] = None) -> int:
   """Eval batches per process; the same on every process."""
-  return _num_eval_steps(config, **_setup(
-      config, 0, process_count, local_device_count,
-      train=False))
+  return _num_eval_steps(_setup(config, 0, process_count, local_device_count,
+                                train=False))
 
 
-def _num_eval_steps(config, *, builder, split, local_batch, process_count,
-                    **unused) -> int:
-  del config, unused
-  num_examples = _read(builder, split, cache=False)[1]
+def _num_eval_steps(setup: _Setup) -> int:
+  num_examples = _read(setup.builder, setup.split, cache=False)[1]
   # even_splits gives the first shards one extra example, if any.
-  return math.ceil(math.ceil(num_examples / process_count) / local_batch)
+  largest_shard = math.ceil(num_examples / setup.process_count)
+  return math.ceil(largest_shard / setup.local_batch)
 
 
 def create_eval_iterator(
@@ -410,18 +424,17 @@ def create_eval_iterator(
   """
   setup = _setup(config, process_index, process_count, local_device_count,
                  train=False)
-  num_steps = _num_eval_steps(config, **setup)
-  records, _ = _read(setup['builder'], setup['shard'],
-                     _field(config, 'cache'))
+  num_steps = _num_eval_steps(setup)
+  records, _ = _read(setup.builder, setup.shard, _field(config, 'cache'))
   no_seed = tf.zeros([2], tf.int64)  # Eval preprocessing is not random.
   ds = records.map(
-      lambda image, label: {'image': setup['preprocess'](image, no_seed),
+      lambda image, label: {'image': setup.preprocess(image, no_seed),
                             'label': label, 'mask': tf.constant(1.0)},
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(setup['image_shape'], tf.float32),
+      'image': tf.zeros(setup.image_shape, tf.float32),
       'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0)}).repeat()
-  ds = ds.concatenate(padding).take(num_steps * setup['local_batch'])
+  ds = ds.concatenate(padding).take(num_steps * setup.local_batch)
   return _EvalIterable(_finish(ds, setup), num_steps)
 
 

@@ -135,7 +135,7 @@ def test_train_shards_are_disjoint_and_cover_the_split(data_dir):
   shard_ids, label_counts = [], []
   for process_index in range(2):
     setup = input_pipeline._setup(config, process_index, 2, 4, train=True)
-    ds = tfds.load('digits', split=setup['shard'], data_dir=str(data_dir),
+    ds = tfds.load('digits', split=setup.shard, data_dir=str(data_dir),
                    read_config=tfds.ReadConfig(add_tfds_id=True))
     shard_ids.append({ex['tfds_id'] for ex in tfds.as_numpy(ds)})
     iterator = input_pipeline.create_train_iterator(
@@ -143,7 +143,7 @@ def test_train_shards_are_disjoint_and_cover_the_split(data_dir):
     labels = np.concatenate([b['label'].ravel() for b in take(iterator, 35)])
     label_counts.append(np.bincount(labels, minlength=10))
     # One epoch of the stream is one pass over the shard.
-    _, shard_labels = read_raw(data_dir, setup['shard'])
+    _, shard_labels = read_raw(data_dir, setup.shard)
     np.testing.assert_array_equal(label_counts[-1],
                                   np.bincount(shard_labels, minlength=10))
 
