@@ -80,7 +80,9 @@ def _scale_window(shape, seed, size) -> tf.Tensor:
 def make_preprocess(recipe: str, size: int, normalization: str,
                     channels: int, stats: dict | None, *, train: bool,
                     scale_augmentation: bool = False):
-  """Returns fn(encoded image, seed [2]) -> float32 [size, size, channels].
+  """Returns fn(image, seed [2]) -> float32 [size, size, channels].
+
+  The image comes encoded, or as uint8 for the cifar and digits recipes.
 
   Args:
     recipe: 'cifar', 'digits' or 'imagenet' (see input_pipeline).
@@ -103,7 +105,7 @@ def make_preprocess(recipe: str, size: int, normalization: str,
   mean = tf.constant(mean, tf.float32)
   std = tf.constant(std, tf.float32)
 
-  def preprocess(encoded, seed):
+  def preprocess(image, seed):
     crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
     if recipe == 'imagenet':
       if not train:
@@ -112,10 +114,12 @@ def make_preprocess(recipe: str, size: int, normalization: str,
         window_fn = lambda shape: _scale_window(shape, crop_seed, size)
       else:
         window_fn = lambda shape: _inception_window(shape, crop_seed)
-      image = _decode_and_crop(encoded, window_fn)
+      image = _decode_and_crop(image, window_fn)
       image = tf.image.resize(image, [size, size], antialias=True)
     else:
-      image = tf.cast(decode(encoded, channels), tf.float32)
+      if image.dtype == tf.string:  # Not decoded when cached.
+        image = decode(image, channels)
+      image = tf.cast(image, tf.float32)
     image = (image / 255.0 - mean) / std
     if train and recipe != 'imagenet':
       # Zero padding after normalisation pads with the mean (paper: 4 px;
