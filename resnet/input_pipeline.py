@@ -15,11 +15,9 @@ The config fields and their defaults are in `default_input_config()`.
 
 import dataclasses
 import difflib
-import io
 import math
 import os
 import re
-import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from flax import jax_utils
@@ -227,46 +225,14 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
       normalization=norm)
 
 
-def _stats_path(builder, split) -> str:
-  return os.path.join(builder.data_dir,
-                      'image_stats_' + re.sub(r'\W', '_', split) + '.npz')
-
-
 def _image_statistics(builder, split, channels) -> dict[str, np.ndarray]:
-  """Mean image and per-channel mean and std of `split`, in [0, 1] units.
-
-  Computed once and cached next to the prepared data set; every process
-  computes the same numbers, and the write is an atomic rename.
-  """
-  path = _stats_path(builder, split)
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      return dict(np.load(io.BytesIO(f.read())))
-  ds, _ = _read(builder, split, cache=False)
-  ds = ds.map(lambda image, _: preprocessing.decode(image, channels),
-              num_parallel_calls=tf.data.AUTOTUNE).batch(512)
-  total, total_sq, count = 0.0, 0.0, 0
-  for images in ds.as_numpy_iterator():
-    images = images.astype(np.float64) / 255.0
-    total = total + images.sum(axis=0)
-    total_sq = total_sq + np.square(images).sum(axis=(0, 1, 2))
-    count += images.shape[0]
-  mean_image = total / count
-  channel_mean = mean_image.mean(axis=(0, 1))
-  channel_var = total_sq / (count * mean_image.shape[0] *
-                            mean_image.shape[1]) - np.square(channel_mean)
-  stats = {'mean_image': mean_image.astype(np.float32),
-           'channel_mean': channel_mean.astype(np.float32),
-           'channel_std': np.sqrt(channel_var).astype(np.float32)}
+  """Statistics of `split`, cached next to the prepared data set."""
+  path = os.path.join(builder.data_dir,
+                      'image_stats_' + re.sub(r'\W', '_', split) + '.npz')
   # Under tfds.testing.mock_data nothing is prepared and nothing is cached.
-  if builder.is_prepared():
-    buffer = io.BytesIO()
-    np.savez(buffer, **stats)
-    temp = f'{path}.tmp-{uuid.uuid4().hex}'
-    with tf.io.gfile.GFile(temp, 'wb') as f:
-      f.write(buffer.getvalue())
-    tf.io.gfile.rename(temp, path, overwrite=True)
-  return stats
+  return preprocessing.image_statistics(
+      lambda: _read(builder, split, cache=False)[0], channels,
+      path if builder.is_prepared() else None)
 
 
 def _batch_sizes(batch_size, field, process_count, local_device_count):
@@ -433,7 +399,8 @@ def create_eval_iterator(
   Each batch has `image`, `label` and `mask` (float32, 1 for real examples,
   0 for padding) shaped [local_devices, per_device_batch, ...]; every
   process yields `num_eval_steps(config)` batches, and over all processes
-  each example of the eval split has mask 1 exactly once.
+  each example of the eval split has mask 1 exactly once. Build it once and
+  iterate it at every evaluation: the cache lives in the returned object.
   """
   setup = _setup(config, process_index, process_count, local_device_count,
                  train=False)

@@ -4,6 +4,11 @@ Every random choice draws from a stateless seed passed in with the example,
 so a given (seed, example position) always gives the same image.
 """
 
+import io
+from typing import Callable, Optional
+import uuid
+
+import numpy as np
 import tensorflow as tf
 
 # Per-channel RGB statistics of ImageNet's training images, in [0, 1] units.
@@ -133,3 +138,39 @@ def make_preprocess(recipe: str, size: int, normalization: str,
     return tf.ensure_shape(image, [size, size, channels])
 
   return preprocess
+
+
+def image_statistics(read: Callable[[], tf.data.Dataset], channels: int,
+                     cache_path: Optional[str]) -> dict[str, np.ndarray]:
+  """Mean image and per-channel mean and std, in [0, 1] units.
+
+  `read()` gives the (encoded image, label) records of the train split. The
+  result is cached at `cache_path` (if given): every process computes the
+  same numbers, and the write is an atomic rename.
+  """
+  if cache_path and tf.io.gfile.exists(cache_path):
+    with tf.io.gfile.GFile(cache_path, 'rb') as f:
+      return dict(np.load(io.BytesIO(f.read())))
+  ds = read().map(lambda image, _: decode(image, channels),
+                  num_parallel_calls=tf.data.AUTOTUNE).batch(512)
+  total, total_sq, count = 0.0, 0.0, 0
+  for images in ds.as_numpy_iterator():
+    images = images.astype(np.float64) / 255.0
+    total = total + images.sum(axis=0)
+    total_sq = total_sq + np.square(images).sum(axis=(0, 1, 2))
+    count += images.shape[0]
+  mean_image = total / count
+  channel_mean = mean_image.mean(axis=(0, 1))
+  pixels = count * mean_image.shape[0] * mean_image.shape[1]
+  channel_var = total_sq / pixels - np.square(channel_mean)
+  stats = {'mean_image': mean_image.astype(np.float32),
+           'channel_mean': channel_mean.astype(np.float32),
+           'channel_std': np.sqrt(channel_var).astype(np.float32)}
+  if cache_path:
+    buffer = io.BytesIO()
+    np.savez(buffer, **stats)
+    temp = f'{cache_path}.tmp-{uuid.uuid4().hex}'
+    with tf.io.gfile.GFile(temp, 'wb') as f:
+      f.write(buffer.getvalue())
+    tf.io.gfile.rename(temp, cache_path, overwrite=True)
+  return stats
