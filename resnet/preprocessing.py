@@ -1,5 +1,6 @@
 """Per-example recipes of the paper: decoding, augmentation, normalisation.
 
+Also computes the train-split statistics that normalisation subtracts.
 Every random choice draws from a stateless seed passed in with the example,
 so a given (seed, example position) always gives the same image.
 """
