@@ -80,10 +80,10 @@ def test_digits_batches_have_the_served_shapes_and_ranges(data_dir):
           info.num_eval_examples) == (10, 1437, 360)
   assert info.image_shape == (32, 32, 3)
   assert (info.recipe, info.normalization) == ('digits', 'per_pixel_mean')
-  # The mean image is computed once and kept next to the data set.
-  assert (data_dir / 'digits' / '1.0.0' / 'image_stats_train.npz').exists()
 
   batch = next(input_pipeline.create_train_iterator(config))
+  # The mean image is computed once and kept next to the data set.
+  assert (data_dir / 'digits' / '1.0.0' / 'image_stats_train.npz').exists()
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (4, 8, 32, 32, 3)
   assert batch['image'].dtype == np.float32
