@@ -434,16 +434,8 @@ def summary(model: ResNet,
   not counted). Multiply-adds count convs and dense layers, as the paper
   does; BatchNorm, ReLU, pooling and additions are left out.
   """
-  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  variables = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0), images)
   row_names = (['stem'] + [f'stage{i + 1}' for i in
                            range(len(model.stage_sizes))] + ['head'])
-  params = dict.fromkeys(row_names, 0)
-  for key, tree in variables['params'].items():
-    params[key.split('_')[0]] += sum(
-        math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
   macs = dict.fromkeys(row_names, 0)
   shapes = {}
 
@@ -458,9 +450,16 @@ def summary(model: ResNet,
         shapes[path[0]] = tuple(outputs.shape[1:])
     return outputs
 
+  # One abstract forward pass gives the variables and the layers' shapes.
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   with nn.intercept_methods(record):
-    logits = jax.eval_shape(
-        functools.partial(model.apply, train=False), variables, images)
+    logits, variables = jax.eval_shape(
+        functools.partial(model.init_with_output, train=False),
+        jax.random.key(0), images)
+  params = dict.fromkeys(row_names, 0)
+  for key, tree in variables['params'].items():
+    params[key.split('_')[0]] += sum(
+        math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
   shapes['head'] = tuple(logits.shape[1:])
   rows = tuple(SummaryRow(n, shapes[n], params[n], macs[n])
                for n in row_names)

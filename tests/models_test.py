@@ -49,10 +49,9 @@ def abstract(name, **overrides):
   """Shapes of the variables and logits of `name` on 2 images of 32x32."""
   model = models.create(name, num_classes=num_classes_of(name), **overrides)
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  variables = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0), images)
-  logits = jax.eval_shape(
-      functools.partial(model.apply, train=False), variables, images)
+  logits, variables = jax.eval_shape(
+      functools.partial(model.init_with_output, train=False),
+      jax.random.key(0), images)
   return variables, logits
 
 
