@@ -7,15 +7,14 @@ their parameters are comparable, and the runs are shared between the tests
 through module-scoped fixtures. All use configs/default.py:tiny: 6 steps,
 logs every 2 and checkpoints at steps 3 and 6.
 
-  reference  1 process, fresh, fed the two hosts' batches.
-  two_hosts  2 processes, fresh.
-  resumed    1 process, from two_hosts' checkpoint 3.
-  preempted  2 processes, from reference's checkpoint 3, SIGTERM at step 4.
-  crashed    2 processes, preempted's restart, SIGKILLed inside the commit
-             of checkpoint 6.
-  recovered  2 processes, crashed's restart.
-  nan        1 process, from reference's checkpoint 3, NaN images at step 5;
-             again with skip_nonfinite_steps.
+  reference    1 process, fresh, fed the two hosts' batches.
+  two_hosts    2 processes, fresh.
+  preempted    2 processes, from reference's checkpoint 3, SIGTERM at step 4.
+  crashed      2 processes, preempted's restart, SIGKILLed inside the commit
+               of checkpoint 6.
+  recovered    2 processes, crashed's restart.
+  nan_stopped  1 process, from two_hosts' checkpoint 3, a NaN loss at step 5.
+  nan_skipped  the same from reference's, with skip_nonfinite_steps.
 """
 
 import json
@@ -151,6 +150,13 @@ def recovered(crashed):
   return workdir, _launch(workdir, 2, logs='recovered_logs')
 
 
+@pytest.fixture(scope='module')
+def nan_stopped(runs, two_hosts):
+  workdir = _copy_until(two_hosts, str(runs / 'nan_stopped'), 3)
+  return workdir, _launch(workdir, 1, '--test_two_host_stream',
+                          '--test_nan_at_step=5')
+
+
 class TestTwoHosts:
 
   def test_end_with_the_parameters_of_one_host(self, reference, two_hosts):
@@ -164,14 +170,11 @@ class TestTwoHosts:
     with open(os.path.join(two_hosts, 'done.json')) as f:
       assert json.load(f)['step'] == _FINAL_STEP
 
-  def test_one_process_resumes_from_their_checkpoint(self, runs, reference,
-                                                     two_hosts):
-    workdir = _copy_until(two_hosts, str(runs / 'resumed'), 3)
-    results = _launch(workdir, 1, '--test_two_host_stream')
-    _assert_exit(results, 0)
+  def test_one_process_restores_their_checkpoint(self, nan_stopped):
+    workdir, results = nan_stopped
     assert re.search(r'Restored \S+/3, the newest complete', results[0].log)
-    _assert_params_close(_params(workdir, _FINAL_STEP),
-                         _params(reference, _FINAL_STEP))
+    # It trained on from there: step 4 was logged before the NaN of step 5.
+    assert [r['step'] for r in _metrics(workdir)] == [4]
 
 
 class TestPreemption:
@@ -218,19 +221,18 @@ class TestCrashSafety:
 
 class TestNonFiniteLoss:
 
-  def test_stops_naming_steps_and_last_good_checkpoint(self, runs,
-                                                       reference):
-    workdir = _copy_until(reference, str(runs / 'nan'), 3)
-    results = _launch(workdir, 1, '--test_two_host_stream',
-                      '--test_nan_at_step=5')
+  def test_stops_naming_steps_and_last_good_checkpoint(self, two_hosts,
+                                                       nan_stopped):
+    workdir, results = nan_stopped
     _assert_exit(results, 1)
     assert re.search(
         r'FloatingPointError: Training loss is nan in steps 5-6; the last '
         r'good checkpoint, step 3 in \S+/3, is intact', results[0].log), (
             multiprocess.describe(results))
-    # That checkpoint is untouched and restores.
+    # Nothing was saved after it, so a restart resumes from it; it restores
+    # and holds what the two hosts saved.
     assert _steps(workdir) == [3]
-    _assert_params_close(_params(workdir, 3), _params(reference, 3))
+    _assert_params_close(_params(workdir, 3), _params(two_hosts, 3))
 
   def test_skip_switch_counts_and_continues(self, runs, reference):
     workdir = _copy_until(reference, str(runs / 'nan_skipped'), 3)

@@ -10,7 +10,9 @@ whose steps take milliseconds, and let one process stand in for two:
   prints HANG_IN_SAVE and sleeps inside orbax's final rename of checkpoint
   S, after every file of it was written to the temporary directory; the
   test then SIGKILLs all processes, as a crash in the middle of a save.
---test_nan_at_step=S: the images of step S's batch are NaN, so its loss is.
+--test_nan_at_step=S: the loss and gradients of step S are NaN, as in a
+  diverging run. (NaN images are not enough: the loss can stay finite when
+  the ReLUs of a fused XLA CPU kernel turn NaNs into zeros.)
 --test_two_host_stream: a single process feeds its devices the batches that
   two processes with half its devices each would read. The input pipeline
   gives each process its own shard of the data, so the global batch depends
@@ -26,10 +28,12 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
 
 from resnet import input_pipeline
+from resnet import train as train_lib
 import train
 
 _SIGTERM_AT_STEP = flags.DEFINE_integer(
@@ -67,10 +71,20 @@ def _sigterm_at_step(step: int, process_id: int) -> None:
 
 
 def _nan_at_step(step: int) -> None:
+  # Step `step` gets the labels -1, which the loss turns into NaN.
+  cross_entropy = train_lib.cross_entropy
+
+  def cross_entropy_nan_for_negative(logits, labels, label_smoothing=0.0):
+    loss = cross_entropy(logits, jnp.maximum(labels, 0), label_smoothing)
+    # A product, not a select, so that the gradient is NaN as well.
+    return loss * jnp.where(labels < 0, jnp.nan, 1.0)
+
   def transform(batch_step, batch):
     if batch_step == step:
-      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      batch = dict(batch, label=np.full_like(batch['label'], -1))
     return batch
+
+  train_lib.cross_entropy = cross_entropy_nan_for_negative
   _wrap_train_batches(transform)
 
 
