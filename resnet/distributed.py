@@ -103,8 +103,8 @@ def initialize(coordinator_address: str | None = None,
 
   # Cross-process psum on the CPU backend (our tests, CPU clusters) needs a
   # CPU collectives implementation; gloo runs over TCP with nothing to
-  # install. GPU and TPU backends ignore this option. 'gloo' is already the
-  # default in jax 0.10.2 but was not in earlier releases.
+  # install. It is jax 0.10.2's default, set here so that the choice does
+  # not depend on a release's default; GPU and TPU backends ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if given:
     logging.info('Initialising jax.distributed: process %d of %d, '
