@@ -266,7 +266,9 @@ def expand(sweep: Sweep, sweep_path: str) -> list[Run]:
       config = load_config(spec)
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(f'{where}: config {spec!r} failed to load: {e}') from e
-    fields = {**sweep.fixed, **overrides}
+    # The run's own overrides first: they are what `list` readers look for.
+    fields = {**overrides, **{k: v for k, v in sweep.fixed.items()
+                              if k not in overrides}}
     for key, value in fields.items():
       _check_field(config, key, value, where)
     _check_model(config, where)
@@ -325,6 +327,12 @@ def child_env(parallel: int, cpus: int | None = None) -> dict[str, str]:
   if threads == 1 and 'xla_cpu_multi_thread_eigen' not in xla_flags:
     env['XLA_FLAGS'] = f'{xla_flags} --xla_cpu_multi_thread_eigen=false'
   return env
+
+
+def _last_line(path: str) -> str:
+  with open(path, errors='replace') as f:
+    lines = [line.strip() for line in f if line.strip()]
+  return lines[-1] if lines else '(empty log)'
 
 
 def _raise_interrupt(signum, frame):
@@ -387,7 +395,9 @@ def run_all(runs: Sequence[Run], workdir: str, *, parallel: int = 1,
       logging.info('%s: done, skipped', run.name)
   env = child_env(parallel) if env is None else env
   live, failed = {}, []
-  previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+  # Also SIGINT: a launcher started in the background has it ignored.
+  previous = {s: signal.signal(s, _raise_interrupt)
+              for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while pending or live:
       while pending and len(live) < parallel:
@@ -403,10 +413,11 @@ def run_all(runs: Sequence[Run], workdir: str, *, parallel: int = 1,
           logging.info('%s: done', name)
         else:
           failed.append(name)
-          logging.error('%s: failed (exit code %d); see %s', name,
-                        process.returncode,
-                        os.path.join(workdir, name, 'train.log'))
+          log_path = os.path.join(workdir, name, 'train.log')
+          logging.error('%s: failed (exit code %d): %s; see %s', name,
+                        process.returncode, _last_line(log_path), log_path)
   finally:
     _stop(live)
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
   return failed

@@ -26,7 +26,9 @@ CSV_FIELDS = ('status', 'steps', 'final_train_error_pct',
 class Result:
   """What one run has written so far."""
   run: sweep_lib.Run
-  status: str  # 'done', 'partial' (started, no done.json), 'not started'.
+  # 'done'; 'partial' (no done.json yet); 'no metrics' (its workdir holds
+  # none: failed early, see train.log); 'not started' (no workdir).
+  status: str
   steps: int | None
   train_error: list[tuple[int, float]]  # (step, error in %) from train/.
   test_error: list[tuple[int, float]]  # (step, error in %) from eval/.
@@ -117,7 +119,12 @@ def summarize(run: sweep_lib.Run, run_dir: str) -> Result:
   if sweep_lib.is_done(run_dir):
     with open(os.path.join(run_dir, 'done.json')) as f:
       done = json.load(f)
-  status = 'done' if done else ('partial' if rows else 'not started')
+  if done:
+    status = 'done'
+  elif rows:
+    status = 'partial'
+  else:  # Failed before its first metrics, or never launched.
+    status = 'no metrics' if os.path.isdir(run_dir) else 'not started'
   steps = done['step'] if done else (max(rows) if rows else None)
   return Result(
       run=run, status=status, steps=steps,
@@ -169,12 +176,14 @@ def _markdown(results, header, rows, title: str) -> str:
   for row in rows:
     row = row[:-1] + [_millions(row[-1])]
     lines.append('| ' + ' | '.join(row) + ' |')
-  waiting = [r.run.name for r in results if r.status == 'not started']
+  waiting = {status: [r.run.name for r in results if r.status == status]
+             for status in ('not started', 'no metrics')}
   lines += ['', 'Errors are top-1 in % on the eval split (test) and on the '
             'training batches of the last logging interval (train).', '',
             '![training and test error](errors.png)', '']
-  if waiting:
-    lines += [f'Not started: {", ".join(waiting)}.', '']
+  for status, names in waiting.items():
+    if names:
+      lines += [f'{status.capitalize()}: {", ".join(names)}.', '']
   return '\n'.join(lines)
 
 

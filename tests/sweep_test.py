@@ -226,9 +226,12 @@ class TestReport:
     partial_dir.mkdir()
     (partial_dir / 'metrics.jsonl').write_text(
         '{"step": 100, "train/accuracy": 0.8}\n')
+    (workdir / 'resnet32').mkdir()
 
     results = sweep_report.write_report(runs, str(workdir), 'Test sweep')
-    assert [r.status for r in results] == ['done', 'partial', 'not started']
+    assert [r.status for r in results] == ['done', 'partial', 'no metrics']
+    assert sweep_report.summarize(
+        runs[2], str(tmp_path / 'elsewhere')).status == 'not started'
     with open(workdir / 'report.csv') as f:
       rows = list(csv.DictReader(f))
     assert [r['run'] for r in rows] == ['plain20', 'resnet20', 'resnet32']
@@ -238,9 +241,9 @@ class TestReport:
     assert float(rows[0]['best_test_error_pct']) == pytest.approx(20.0)
     assert float(rows[0]['wall_time_s']) == pytest.approx(62, abs=0.5)
     assert rows[1]['steps'] == '100' and rows[1]['final_test_error_pct'] == ''
-    assert rows[2]['status'] == 'not started'
+    assert rows[2]['status'] == 'no metrics'
     report = (workdir / 'report.md').read_text()
-    assert 'Not started: resnet32.' in report
+    assert 'No metrics: resnet32.' in report
     assert '| plain20 |' in report
     assert (workdir / 'errors.png').stat().st_size > 10_000
 
