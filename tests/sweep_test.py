@@ -1,6 +1,7 @@
 """Tests of ablation sweeps: naming, expansion, validation, report, and the
 `run` / `list` / `report` commands end to end on the tiny config."""
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -19,7 +20,7 @@ from resnet import sweep_report
 REPO = sweep_lib.REPO_ROOT
 TINY_SWEEP = os.path.join(REPO, 'configs', 'sweeps', 'tiny.py')
 # Metrics that measure the machine, not the training.
-TIMING = re.compile(r'per_sec|time|eta')
+TIMING = re.compile(r'per_sec|time|eta|wait')
 
 FIXTURE_CONFIG = '''
 """A small stand-in config for validation tests."""
@@ -264,35 +265,61 @@ def wait_for(predicate, timeout_s, what):
     time.sleep(0.1)
 
 
+def run_by_hand(commands):
+  """Runs `list`'s shell commands one after the other, from the repo root."""
+  for line in commands:
+    argv = shlex.split(line)
+    assert argv[:2] == ['python', 'train.py'], line
+    subprocess.run([sys.executable, *argv[1:]], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+
+
 @pytest.fixture(scope='module')
 def tiny_sweep(tmp_path_factory):
-  """The tiny sweep run, interrupted during its second run, then resumed."""
+  """The tiny sweep run, interrupted during its second run, then resumed;
+  meanwhile its listed commands run by hand into a second sweep dir."""
   workdir = str(tmp_path_factory.mktemp('tiny_sweep'))
+  by_hand = str(tmp_path_factory.mktemp('by_hand'))
   runs = sweep_lib.expand(sweep_lib.load_sweep(TINY_SWEEP), TINY_SWEEP)
   first, second = (os.path.join(workdir, r.name) for r in runs)
+  listed = sweep_cli('list', f'--sweep={TINY_SWEEP}',
+                     f'--workdir={by_hand}').stdout.splitlines()
 
-  launcher = subprocess.Popen(
-      [sys.executable, 'sweep.py', 'run', f'--sweep={TINY_SWEEP}',
-       f'--workdir={workdir}'], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
-  try:
-    wait_for(lambda: sweep_lib.is_done(first) and os.path.exists(
-        os.path.join(second, 'train.log')), 240, 'the first run to finish')
-    time.sleep(1.0)
-    launcher.send_signal(signal.SIGTERM)
-    interrupted_output = launcher.communicate(timeout=60)[0]
-  finally:
-    launcher.kill()
-  finished = {
-      'done_mtime': os.stat(os.path.join(first, 'done.json')).st_mtime_ns,
-      'log_size': os.path.getsize(os.path.join(first, 'train.log'))}
-  second_done_before = sweep_lib.is_done(second)
-
-  resumed = sweep_cli('run', f'--sweep={TINY_SWEEP}', f'--workdir={workdir}')
-  return dict(workdir=workdir, runs=runs, first=first, second=second,
+  # `run` trains one run at a time: the hand runs use the other core.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    hand_runs = pool.submit(run_by_hand, listed)
+    launcher = subprocess.Popen(
+        [sys.executable, 'sweep.py', 'run', f'--sweep={TINY_SWEEP}',
+         f'--workdir={workdir}'], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+      wait_for(lambda: sweep_lib.is_done(first) and os.path.exists(
+          os.path.join(second, 'train.log')), 300, 'the first run to finish')
+      time.sleep(1.0)
+      launcher.send_signal(signal.SIGTERM)
+      interrupted_output = launcher.communicate(timeout=60)[0]
+    finally:
+      launcher.kill()
+    finished = {
+        'done_mtime': os.stat(os.path.join(first, 'done.json')).st_mtime_ns,
+        'log_size': os.path.getsize(os.path.join(first, 'train.log'))}
+    second_done_before = sweep_lib.is_done(second)
+    resumed = sweep_cli('run', f'--sweep={TINY_SWEEP}',
+                        f'--workdir={workdir}')
+    hand_runs.result()
+  return dict(workdir=workdir, by_hand=by_hand, listed=listed, runs=runs,
+              first=first, second=second,
               interrupted_rc=launcher.returncode,
               interrupted_output=interrupted_output, finished=finished,
               second_done_before=second_done_before, resumed=resumed)
+
+
+def comparable_metrics(run_dir):
+  """metrics.jsonl merged by step (a resumed run wrote some steps twice),
+  without the fields that time the machine."""
+  rows = sweep_report.read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  return {step: {k: v for k, v in row.items() if not TIMING.search(k)}
+          for step, row in rows.items()}
 
 
 class TestEndToEnd:
@@ -327,26 +354,14 @@ class TestEndToEnd:
     assert os.path.getsize(
         os.path.join(tiny_sweep['workdir'], 'errors.png')) > 10_000
 
-  def test_listed_commands_reproduce_the_runs(self, tiny_sweep, tmp_path):
-    listed = sweep_cli('list', f'--sweep={TINY_SWEEP}',
-                       f'--workdir={tmp_path}').stdout.splitlines()
-    assert len(listed) == len(tiny_sweep['runs'])
-    for line, run in zip(listed, tiny_sweep['runs']):
-      argv = shlex.split(line)
-      assert argv[:2] == ['python', 'train.py']
-      assert f'--workdir={tmp_path / run.name}' in argv
-      subprocess.run([sys.executable, *argv[1:]], cwd=REPO, check=True,
-                     capture_output=True, timeout=300)
-
-      # Same rows as under `run` once timing is dropped; the resumed run
-      # wrote some steps twice, so compare the merged rows by step.
-      def metrics(run_dir):
-        rows = sweep_report.read_metrics(
-            os.path.join(run_dir, 'metrics.jsonl'))
-        return {s: {k: v for k, v in r.items() if not TIMING.search(k)}
-                for s, r in rows.items()}
-      by_hand = metrics(tmp_path / run.name)
-      assert by_hand and by_hand == metrics(
+  def test_listed_commands_reproduce_the_runs(self, tiny_sweep):
+    assert len(tiny_sweep['listed']) == len(tiny_sweep['runs'])
+    for line, run in zip(tiny_sweep['listed'], tiny_sweep['runs']):
+      hand_dir = os.path.join(tiny_sweep['by_hand'], run.name)
+      assert f'--workdir={hand_dir}' in shlex.split(line)
+      by_hand = comparable_metrics(hand_dir)
+      assert by_hand and 'eval/accuracy' in by_hand[max(by_hand)]
+      assert by_hand == comparable_metrics(
           os.path.join(tiny_sweep['workdir'], run.name))
 
 
