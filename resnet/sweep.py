@@ -238,8 +238,7 @@ def _flag_text(value: Any) -> str:
 def _parse_like_train(spec: str, flag_args: Sequence[str]):
   """The config train.py gets from these arguments, via config_flags."""
   path, arg = _config_path(spec)
-  argv = ['train.py', ':'.join([path, *arg]), *flag_args]
-  argv[1] = '--config=' + argv[1]
+  argv = ['train.py', '--config=' + ':'.join([path, *arg]), *flag_args]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file(
       'config', flag_values=flag_values, sys_argv=argv, lock_config=True)
