@@ -84,7 +84,7 @@ def count_params(config: ml_collections.ConfigDict) -> int | None:
   if key not in _params_cache:
     try:
       _params_cache[key] = _count_params(config)
-    except (ImportError, ValueError, KeyError, OSError) as e:
+    except (ImportError, ValueError, KeyError, AttributeError, OSError) as e:
       # A report still gets written, without the count.
       logging.warning('parameters of %s not counted: %s', config.get('model'),
                       e)
