@@ -215,13 +215,8 @@ def _check_field(config, key: str, value: Any, where: str) -> None:
 def _check_model(config, where: str) -> None:
   if 'model' not in config:
     return
-  try:
-    from resnet import models  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    # TODO: drop this branch once resnet/models.py is merged; until then the
-    # trainer rejects an unknown model when the run starts.
-    logging.warning('resnet.models is missing: model names not checked')
-    return
+  # Imported here: jax and flax load only once a sweep is being checked.
+  from resnet import models  # pylint: disable=g-import-not-at-top
   if config.model not in models.names():
     raise ValueError(f'{where}: unknown model {config.model!r}; accepted: '
                      f'{", ".join(models.names())}')

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from resnet import models
 from resnet import sweep as sweep_lib
 from resnet import sweep_report
 
@@ -171,7 +172,6 @@ class TestValidation:
       sweep_lib.expand(sweep_lib.load_sweep(path), path)
 
   def test_unknown_model_lists_the_zoo(self, tmp_path):
-    models = pytest.importorskip('resnet.models')
     path = write_sweep(tmp_path, "axis('model', ['resnet20', 'resnet21'])")
     with pytest.raises(ValueError) as e:
       sweep_lib.expand(sweep_lib.load_sweep(path), path)
