@@ -179,6 +179,21 @@ class TestValidation:
     assert ', '.join(models.names()) in str(e.value)
 
 
+@pytest.mark.parametrize('name, num_runs', [
+    ('degradation_cifar10', 10), ('shortcuts_imagenet', 4),
+    ('degradation_digits', 4), ('tiny', 2)])
+def test_shipped_sweeps_validate(name, num_runs):
+  path = os.path.join(REPO, 'configs', 'sweeps', f'{name}.py')
+  runs = sweep_lib.expand(sweep_lib.load_sweep(path), path)
+  assert len(runs) == num_runs
+  if name == 'degradation_cifar10':
+    assert runs[-1].name == 'resnet110'
+    assert runs[-1].config.warmup_steps == 400  # The paper's warm-up.
+  if name == 'shortcuts_imagenet':
+    assert [r.config.shortcut for r in runs] == ['', 'A', 'B', 'C']
+    assert {r.config.model for r in runs} == {'plain34', 'resnet34'}
+
+
 def test_child_env_splits_the_cores(monkeypatch):
   monkeypatch.delenv('TF_NUM_INTRAOP_THREADS', raising=False)
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
