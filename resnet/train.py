@@ -1,0 +1,458 @@
+"""Training library: train state, pmapped steps and the training loop.
+
+Data parallel over the local devices with `jax.pmap` on the axis 'batch':
+gradients are averaged over it, BatchNorm takes its statistics over it (the
+global batch, or groups of `bn_group_size` examples), and metrics are summed
+over it on the devices.
+"""
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import logging
+from clu import periodic_actions
+from etils import epath
+from flax import jax_utils
+from flax import struct
+from flax.training import dynamic_scale as dynamic_scale_lib
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from resnet import checkpoint
+from resnet import input_pipeline
+from resnet import models
+from resnet import optim
+from resnet import reporting
+
+AXIS = 'batch'
+HALF_PRECISION_DTYPES = ('bfloat16', 'float16')
+TOP_K = 5
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes: one pytree, checkpointed as a whole.
+
+  `rng` is the run's base key; step `t` draws from `fold_in(rng, t)`, so a
+  restarted run draws what an uninterrupted one would. `dynamic_scale` is the
+  float16 loss scale (None in float32 and bfloat16).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+  dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """The batch arithmetic and length of a run, derived from the config."""
+  dataset_info: Any
+  device_count: int
+  local_device_count: int
+  local_batch_size: int
+  per_device_batch_size: int
+  steps_per_epoch: int
+  num_train_steps: int
+
+  @property
+  def num_epochs(self) -> float:
+    return self.num_train_steps / self.steps_per_epoch
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> str:
+  return config.half_precision_dtype if config.half_precision else 'float32'
+
+
+def batchnorm_groups(config: ml_collections.ConfigDict, device_count: int,
+                     per_device_batch_size: int) -> list[list[int]] | None:
+  """Device groups over which BatchNorm takes statistics; None: all.
+
+  `bn_group_size` counts examples, so the statistics span the same number of
+  examples whatever the number of devices.
+  """
+  if config.bn_group_size == 0:
+    return None
+  size = config.bn_group_size
+  if (size < 0 or size % per_device_batch_size
+      or config.batch_size % size):
+    raise ValueError(
+        f'config.bn_group_size={size} must be 0 (the global batch) or a '
+        f'multiple of the per-device batch ({per_device_batch_size}) that '
+        f'divides config.batch_size={config.batch_size}.')
+  group = size // per_device_batch_size
+  return [list(range(start, start + group))
+          for start in range(0, device_count, group)]
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 axis_index_groups: Sequence[Sequence[int]] | None = None):
+  """The network named by `config.model`, with BatchNorm over 'batch'.
+
+  Raises:
+    ValueError: from `models.create`, for an unknown model or override.
+  """
+  return models.create(
+      config.model, num_classes=num_classes,
+      shortcut=config.shortcut or None, version=config.version or None,
+      preactivation=config.preactivation,
+      zero_init_residual=config.zero_init_residual,
+      num_filters=config.num_filters or None,
+      stage_sizes=tuple(config.stage_sizes) or None,
+      dtype=compute_dtype(config), axis_name=AXIS,
+      axis_index_groups=axis_index_groups)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model,
+                       tx: optax.GradientTransformation,
+                       image_shape: Sequence[int]) -> TrainState:
+  """Initialises the train state from `config.seed`, jitted, on one device.
+
+  He et al. initialise the weights as in their PReLU paper; the model's
+  initialisers do that.
+  """
+  def init(key):
+    params_key, state_key = jax.random.split(key)
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init(params_key, images, train=False)
+    params = variables['params']
+    scale = None
+    if config.half_precision and config.half_precision_dtype == 'float16':
+      scale = dynamic_scale_lib.DynamicScale(
+          fin_steps=jnp.zeros((), jnp.int32),
+          scale=jnp.asarray(2.0**15, jnp.float32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get('batch_stats', {}),
+        opt_state=tx.init(params), rng=state_key, dynamic_scale=scale)
+
+  return jax.jit(init)(jax.random.PRNGKey(config.seed))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy, with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def zero_train_metrics() -> dict[str, jax.Array]:
+  """The on-device sums `train_step` accumulates between two logs."""
+  names = ('loss_sum', 'correct', 'count', 'skipped_steps', 'learning_rate')
+  return {name: jnp.zeros((), jnp.float32) for name in names}
+
+
+def train_step(state: TrainState, metrics: dict[str, jax.Array],
+               batch: dict[str, jax.Array], *, model,
+               tx: optax.GradientTransformation,
+               learning_rate_fn: optim.LearningRateFn,
+               label_smoothing: float = 0.0):
+  """One SGD step on this device's shard; run under pmap over 'batch'.
+
+  A step whose averaged gradients are not finite changes nothing but the
+  step counter and the loss scale, and is counted in `skipped_steps`.
+  Returns the new state and `metrics` plus this step's sums.
+  """
+  step_key = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updated = model.apply(
+        variables, batch['image'], train=True, mutable=['batch_stats'],
+        rngs={'dropout': step_key})
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, updated['batch_stats'])
+
+  if state.dynamic_scale is not None:
+    # float16: scale the loss up so small gradients survive, then check.
+    grad_fn = state.dynamic_scale.value_and_grad(
+        loss_fn, has_aux=True, axis_name=AXIS)
+    scale, finite, (loss, (logits, batch_stats)), grads = grad_fn(
+        state.params)
+  else:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, batch_stats)), grads = grad_fn(state.params)
+    grads = lax.pmean(grads, AXIS)
+    scale, finite = None, _all_finite(grads)
+
+  learning_rate = learning_rate_fn(state.step)
+  direction, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, d: p + learning_rate * d,
+                        state.params, direction)
+  keep_if_finite = lambda new, old: jax.tree.map(
+      functools.partial(jnp.where, finite), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      dynamic_scale=scale)
+
+  # Sums over the global batch; `finite` is the same on every device.
+  sums = lax.psum({
+      'loss_sum': loss * batch['label'].shape[0],
+      'correct': jnp.sum(jnp.argmax(logits, -1) == batch['label']),
+      'count': batch['label'].shape[0],
+  }, AXIS)
+  metrics = {
+      'loss_sum': metrics['loss_sum'] + sums['loss_sum'],
+      'correct': metrics['correct'] + sums['correct'],
+      'count': metrics['count'] + sums['count'],
+      'skipped_steps': metrics['skipped_steps'] + (1 - finite),
+      'learning_rate': learning_rate.astype(jnp.float32),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model):
+  """Masked sums of loss and top-1/top-5 hits over the global batch."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = model.apply(variables, batch['image'], train=False)
+  labels, mask = batch['label'], batch['mask']
+  top_k = lax.top_k(logits, min(TOP_K, logits.shape[-1]))[1]
+  return lax.psum({
+      'loss_sum': jnp.sum(cross_entropy(logits, labels) * mask),
+      'correct': jnp.sum((top_k[:, 0] == labels) * mask),
+      'top5_correct': jnp.sum(
+          jnp.any(top_k == labels[:, None], axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }, AXIS)
+
+
+def make_p_train_step(model, tx: optax.GradientTransformation,
+                      learning_rate_fn: optim.LearningRateFn,
+                      label_smoothing: float = 0.0,
+                      devices: Sequence[jax.Device] | None = None):
+  """`train_step` pmapped over `devices`, donating the state and sums."""
+  step = functools.partial(
+      train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+      label_smoothing=label_smoothing)
+  return jax.pmap(step, axis_name=AXIS, devices=devices,
+                  donate_argnums=(0, 1))
+
+
+def make_p_eval_step(model, devices: Sequence[jax.Device] | None = None):
+  return jax.pmap(functools.partial(eval_step, model=model),
+                  axis_name=AXIS, devices=devices)
+
+
+def evaluate(p_eval_step: Callable, state: TrainState,
+             config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Loss, top-1 and top-5 accuracy over the whole eval split."""
+  batches = input_pipeline.prefetch_to_device(
+      iter(input_pipeline.create_eval_iterator(config)), 2)
+  # Collect the per-batch sums on the devices and fetch them once.
+  sums = jax.device_get([p_eval_step(state, batch) for batch in batches])
+  total = {k: float(sum(np.asarray(s[k])[0] for s in sums))
+           for k in ('loss_sum', 'correct', 'top5_correct', 'count')}
+  count = max(total['count'], 1.0)
+  return {
+      'eval/loss': total['loss_sum'] / count,
+      'eval/accuracy': total['correct'] / count,
+      'eval/top5_accuracy': total['top5_correct'] / count,
+      'eval/num_examples': int(total['count']),
+  }
+
+
+def summarize_train_metrics(sums: dict[str, Any]) -> dict[str, float]:
+  """Means over the examples since the last log (`sums` from one device)."""
+  count = max(float(sums['count']), 1.0)
+  return {
+      'train/loss': float(sums['loss_sum']) / count,
+      'train/accuracy': float(sums['correct']) / count,
+      'train/learning_rate': float(sums['learning_rate']),
+      'train/skipped_steps': int(sums['skipped_steps']),
+  }
+
+
+def _check_workdir(workdir: str) -> None:
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ValueError(
+        f'workdir={workdir!r} is an existing file; accepted: a directory '
+        'or a path that does not exist yet.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields that need neither the data set nor the model.
+
+  Raises:
+    ValueError: naming the field, its value and what is accepted.
+  """
+  positive = ('batch_size', 'log_every_steps', 'checkpoints_to_keep',
+              'prefetch_size')
+  non_negative = ('eval_batch_size', 'eval_every_steps',
+                  'checkpoint_every_steps', 'num_train_steps', 'num_epochs')
+  for field in positive:
+    if config[field] <= 0:
+      raise ValueError(
+          f'config.{field}={config[field]} must be positive.')
+  for field in non_negative:
+    if config[field] < 0:
+      raise ValueError(
+          f'config.{field}={config[field]} must be zero or positive.')
+  if config.num_train_steps == 0 and config.num_epochs <= 0:
+    raise ValueError(
+        f'config.num_epochs={config.num_epochs} must be positive when '
+        'config.num_train_steps is 0 (the length comes from the epochs).')
+  if config.half_precision_dtype not in HALF_PRECISION_DTYPES:
+    raise ValueError(
+        f'config.half_precision_dtype={config.half_precision_dtype!r} is '
+        f'not supported; accepted: {", ".join(HALF_PRECISION_DTYPES)}.')
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % devices:
+      raise ValueError(
+          f'config.{field}={config[field]} is not divisible by the '
+          f'{devices} devices; accepted: a multiple of {devices}.')
+
+
+def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
+  """Validates `config` and derives the batch sizes and the run's length."""
+  validate_config(config)
+  info = input_pipeline.get_dataset_info(config)
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} exceeds the '
+        f'{info.num_train_examples} training examples of '
+        f'{config.dataset!r}; accepted: at most that many.')
+  num_train_steps = (config.num_train_steps or
+                     max(int(config.num_epochs * steps_per_epoch), 1))
+  return RunPlan(
+      dataset_info=info, device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+      local_batch_size=config.batch_size // jax.process_count(),
+      per_device_batch_size=config.batch_size // jax.device_count(),
+      steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> TrainState:
+  """Trains and evaluates as `config` says, writing to `workdir`.
+
+  Resumes from the newest checkpoint in `workdir`, with the data stream at
+  the same position. Returns the final state, replicated over the local
+  devices (`checkpoint.to_host` gives one numpy copy).
+
+  Raises:
+    ValueError: for a bad config or workdir, before anything is compiled.
+  """
+  start_time = time.time()
+  # Check the config, data set, model, optimizer and workdir first.
+  _check_workdir(workdir)
+  plan = plan_run(config)
+  groups = batchnorm_groups(config, plan.device_count,
+                            plan.per_device_batch_size)
+  model = create_model(config, plan.dataset_info.num_classes, groups)
+  tx = optim.create_optimizer(config)
+  learning_rate_fn = optim.create_learning_rate_fn(
+      config, plan.steps_per_epoch, plan.num_train_steps)
+  checkpoint.check_config_compatible(workdir, config)
+  num_steps = plan.num_train_steps
+
+  # Set up the workdir: config.json, metric writer, checkpoint manager.
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    checkpoint.save_config(workdir, config)
+  writer = reporting.create_writer(workdir, is_writer)
+  manager = checkpoint.create_manager(workdir, config.checkpoints_to_keep)
+
+  # Initialise the state, restore the newest checkpoint, replicate.
+  host_state = jax.device_get(create_train_state(
+      config, model, tx, plan.dataset_info.image_shape))
+  host_state, restored_step = checkpoint.restore_latest(manager, host_state)
+  reporting.log_run(config, plan, model, restored_step)
+  start_step = int(host_state.step)
+  state = jax_utils.replicate(host_state)
+
+  # Stream the training data from `start_step`, prefetched to the devices.
+  train_iter = input_pipeline.prefetch_to_device(
+      input_pipeline.create_train_iterator(config, start_step=start_step),
+      config.prefetch_size)
+  p_train_step = make_p_train_step(model, tx, learning_rate_fn,
+                                   config.label_smoothing)
+  p_eval_step = make_p_eval_step(model)
+  progress = (periodic_actions.ReportProgress(
+      num_train_steps=num_steps, every_steps=config.log_every_steps,
+      every_secs=None) if is_writer else None)
+  sums = jax_utils.replicate(zero_train_metrics())
+  timer = reporting.LoopTimer()
+  last_log_step = start_step
+  eval_metrics = {}
+
+  logging.info('Training steps %d to %d; the first step compiles.',
+               start_step + 1, num_steps)
+  # `step` counts the steps done, as the state's counter will after it.
+  for step in range(start_step + 1, num_steps + 1):
+    # Wait for the next batch; time spent here is input wait.
+    waited = time.perf_counter()
+    batch = next(train_iter)
+    timer.add('input_s', waited)
+
+    # Run one step; donation reuses the state's buffers in place.
+    state, sums = p_train_step(state, sums, batch)
+
+    # Time the first step apart: it holds the compilation.
+    if step == start_step + 1:
+      jax.block_until_ready(sums)
+      logging.info('Compiled and ran the first step in %.1f s.',
+                   time.perf_counter() - timer.start)
+      timer.reset()
+      last_log_step = step
+    if progress:
+      progress(step)
+
+    # Every log_every_steps, fetch the summed metrics (the only sync).
+    if step % config.log_every_steps == 0 or step == num_steps:
+      scalars = summarize_train_metrics(checkpoint.to_host(sums))
+      if step > last_log_step:
+        scalars.update(timer.speed(step - last_log_step, config.batch_size))
+      writer.write_scalars(step, scalars)
+      sums = jax_utils.replicate(zero_train_metrics())
+      timer.reset()
+      last_log_step = step
+
+    # Evaluate every eval_every_steps and at the end; checkpoint after.
+    started = time.perf_counter()
+    is_eval_step = step == num_steps or (
+        config.eval_every_steps and step % config.eval_every_steps == 0)
+    if is_eval_step:
+      eval_metrics = evaluate(p_eval_step, state, config)
+      writer.write_scalars(step, eval_metrics)
+      logging.info('Epoch %.2f: eval accuracy %.4f.',
+                   step / plan.steps_per_epoch, eval_metrics['eval/accuracy'])
+    if is_eval_step or (config.checkpoint_every_steps and
+                        step % config.checkpoint_every_steps == 0):
+      checkpoint.save(manager, step, checkpoint.to_host(state),
+                      eval_metrics if is_eval_step else None)
+    timer.add('other_s', started)
+
+  # A run restored at its end only evaluates.
+  if start_step >= num_steps:
+    eval_metrics = evaluate(p_eval_step, state, config)
+    writer.write_scalars(start_step, eval_metrics)
+
+  # Wait for the last checkpoint, then mark the run as done.
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  if is_writer:
+    reporting.write_done(workdir, max(start_step, num_steps),
+                time.time() - start_time, eval_metrics)
+  return state
