@@ -1,0 +1,122 @@
+"""Tests for resnet.train: the steps, the loop, checkpoints and validation.
+
+The steps run pmapped over four simulated CPU devices (tests/conftest.py),
+so gradient averaging and cross-device BatchNorm really run. End-to-end runs
+use configs/default.py:tiny on the digits and are shared between tests.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from resnet import checkpoint
+from resnet import optim
+from resnet import train
+
+IMAGE_SHAPE = (8, 8, 3)
+GLOBAL_BATCH = 16
+
+
+class TinyNet(nn.Module):
+  """Conv, BatchNorm over 'batch', ReLU, pool, dense: enough for steps."""
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    x = nn.Conv(8, (3, 3), use_bias=False, dtype=self.dtype)(images)
+    x = nn.BatchNorm(use_running_average=not train, axis_name='batch',
+                     dtype=self.dtype)(x)
+    x = jnp.mean(nn.relu(x).astype(jnp.float32), axis=(1, 2))
+    return nn.Dense(10)(x)
+
+
+def _config(**fields):
+  config = default.get_config('tiny')
+  config.update(fields)
+  return config
+
+
+def _fixed_batch(num_devices, nan=False):
+  rng = np.random.RandomState(0)
+  images = rng.normal(size=(GLOBAL_BATCH, *IMAGE_SHAPE)).astype(np.float32)
+  labels = rng.randint(0, 10, size=GLOBAL_BATCH).astype(np.int32)
+  if nan:
+    images[0, 0, 0, 0] = np.nan
+  # [global batch, ...] -> [devices, per-device batch, ...]
+  return {k: v.reshape(num_devices, -1, *v.shape[1:])
+          for k, v in (('image', images), ('label', labels))}
+
+
+def _run_steps(config, model, num_devices, num_steps, nan=False):
+  """Steps on one fixed batch: (host state, losses, last step's sums)."""
+  devices = jax.local_devices()[:num_devices]
+  tx = optim.create_optimizer(config)
+  learning_rate_fn = optim.create_learning_rate_fn(config, 10, 100)
+  state = train.create_train_state(config, model, tx, IMAGE_SHAPE)
+  state = train.replicate(state, devices)
+  p_train_step = train.make_p_train_step(
+      model, tx, learning_rate_fn, config.label_smoothing, devices=devices)
+  # The leading axis of each array is split over the devices, as pmap wants.
+  sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ('d',)),
+                               jax.P('d'))
+  batch = jax.device_put(_fixed_batch(num_devices, nan), sharding)
+  losses, sums = [], None
+  for _ in range(num_steps):
+    sums = train.replicate(train.zero_train_metrics(), devices)
+    state, sums = p_train_step(state, sums, batch)
+    sums = checkpoint.to_host(sums)
+    losses.append(float(sums['loss_sum'] / sums['count']))
+  return checkpoint.to_host(state), losses, sums
+
+
+def _assert_trees_close(a, b, **tolerance):
+  jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
+
+
+class TestSteps:
+
+  @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+  def test_train_step_lowers_the_loss_on_a_fixed_batch(self, dtype):
+    config = _config(half_precision=dtype != 'float32',
+                     half_precision_dtype=dtype, schedule='constant',
+                     warmup_steps=0, learning_rate=0.5)
+    state, losses, sums = _run_steps(config, TinyNet(dtype), 4, 8)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert int(state.step) == 8 and int(sums['skipped_steps']) == 0
+    # Mixed precision computes in half but keeps float32 parameters.
+    for leaf in jax.tree.leaves((state.params, state.batch_stats,
+                                 state.opt_state)):
+      assert leaf.dtype == jnp.float32
+
+  def test_one_and_four_devices_agree(self):
+    # The same global batch on 1 device or split over 4: averaged gradients
+    # and BatchNorm statistics over 'batch' give the same parameters.
+    config = _config(schedule='constant', warmup_steps=0)
+    one, losses_one, _ = _run_steps(config, TinyNet(), 1, 3)
+    four, losses_four, _ = _run_steps(config, TinyNet(), 4, 3)
+    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
+    _assert_trees_close(one.params, four.params, rtol=1e-4, atol=1e-6)
+    _assert_trees_close(one.batch_stats, four.batch_stats,
+                        rtol=1e-4, atol=1e-6)
+    assert not np.allclose(one.batch_stats['BatchNorm_0']['var'], 1.0)
+
+  def test_non_finite_step_is_skipped_and_counted(self):
+    config = _config(schedule='constant', warmup_steps=0)
+    initial, _, _ = _run_steps(config, TinyNet(), 4, 0)
+    state, _, sums = _run_steps(config, TinyNet(), 4, 1, nan=True)
+    assert int(sums['skipped_steps']) == 1 and int(state.step) == 1
+    _assert_trees_close(state.params, initial.params, rtol=0, atol=0)
+
+  def test_float16_scales_the_loss_dynamically(self):
+    config = _config(half_precision=True, half_precision_dtype='float16',
+                     schedule='constant', warmup_steps=0)
+    state, losses, sums = _run_steps(config, TinyNet('float16'), 4, 3)
+    assert state.dynamic_scale is not None
+    assert int(state.dynamic_scale.fin_steps) == 3
+    assert np.isfinite(losses).all() and int(sums['skipped_steps']) == 0
+    assert all(leaf.dtype == jnp.float32
+               for leaf in jax.tree.leaves(state.params))
