@@ -32,10 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.validation_holdout = 0  # Train examples held out as the eval split.
   config.recipe = ''  # '' picks by dataset: 'digits', 'cifar', 'imagenet'.
   config.image_size = 0  # 0: the recipe's size.
-  config.normalization = 'per_pixel_mean'  # Or 'per_channel'.
+  config.normalization = ''  # '' by recipe; 'per_pixel_mean', 'per_channel'.
   config.scale_augmentation = False  # The paper's ImageNet resizing.
   config.cache = True
-  config.shuffle_buffer_size = 10_000
+  config.shuffle_buffer_size = 16_384
   config.batch_size = 128  # Global, over all devices and processes.
   config.eval_batch_size = 0  # 0: batch_size.
   config.prefetch_size = 2  # Batches placed on the devices ahead of use.

@@ -9,7 +9,7 @@ over it on the devices.
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from absl import logging
@@ -268,10 +268,13 @@ def make_p_eval_step(model, devices: Sequence[jax.Device] | None = None):
 
 
 def evaluate(p_eval_step: Callable, state: TrainState,
-             config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Loss, top-1 and top-5 accuracy over the whole eval split."""
-  batches = input_pipeline.prefetch_to_device(
-      iter(input_pipeline.create_eval_iterator(config)), 2)
+             eval_batches: Iterable[Any]) -> dict[str, float]:
+  """Loss, top-1 and top-5 accuracy over the whole eval split.
+
+  `eval_batches` is `input_pipeline.create_eval_iterator(config)`, built once
+  per run (it holds the cache); padding examples are masked out.
+  """
+  batches = input_pipeline.prefetch_to_device(iter(eval_batches), 2)
   # Collect the per-batch sums on the devices and fetch them once.
   sums = jax.device_get([p_eval_step(state, batch) for batch in batches])
   total = {k: float(sum(np.asarray(s[k])[0] for s in sums))
@@ -405,6 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   p_train_step = make_p_train_step(model, tx, learning_rate_fn,
                                    config.label_smoothing)
   p_eval_step = make_p_eval_step(model)
+  eval_batches = input_pipeline.create_eval_iterator(config)
   progress = (periodic_actions.ReportProgress(
       num_train_steps=num_steps, every_steps=config.log_every_steps,
       every_secs=None) if is_writer else None)
@@ -450,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     is_eval_step = step == num_steps or (
         config.eval_every_steps and step % config.eval_every_steps == 0)
     if is_eval_step:
-      eval_metrics = evaluate(p_eval_step, state, config)
+      eval_metrics = evaluate(p_eval_step, state, eval_batches)
       writer.write_scalars(step, eval_metrics)
       logging.info('Epoch %.2f: eval accuracy %.4f.',
                    step / plan.steps_per_epoch, eval_metrics['eval/accuracy'])
@@ -462,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # A run restored at its end only evaluates.
   if start_step >= num_steps:
-    eval_metrics = evaluate(p_eval_step, state, config)
+    eval_metrics = evaluate(p_eval_step, state, eval_batches)
     writer.write_scalars(start_step, eval_metrics)
 
   # Wait for the last checkpoint, then mark the run as done.

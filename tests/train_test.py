@@ -5,6 +5,9 @@ so gradient averaging and cross-device BatchNorm really run. End-to-end runs
 use configs/default.py:tiny on the digits and are shared between tests.
 """
 
+import json
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import pytest
 from configs import default
 from resnet import checkpoint
 from resnet import optim
+from resnet import reporting
 from resnet import train
 
 IMAGE_SHAPE = (8, 8, 3)
@@ -120,3 +124,76 @@ class TestSteps:
     assert np.isfinite(losses).all() and int(sums['skipped_steps']) == 0
     assert all(leaf.dtype == jnp.float32
                for leaf in jax.tree.leaves(state.params))
+
+
+NUM_STEPS = 6  # configs/default.py:tiny
+TRAIN_KEYS = {'train/loss', 'train/accuracy', 'train/learning_rate',
+              'train/skipped_steps', 'steps_per_sec', 'examples_per_sec',
+              'input_wait_fraction'}
+EVAL_KEYS = {'eval/loss', 'eval/accuracy', 'eval/top5_accuracy',
+             'eval/num_examples'}
+DIGITS_TEST_EXAMPLES = 360
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """The tiny config trained for its 6 steps in one go."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  state = train.train_and_evaluate(_config(), workdir)
+  return workdir, checkpoint.to_host(state)
+
+
+@pytest.fixture(scope='module')
+def resumed(tmp_path_factory):
+  """The same run stopped after 3 steps, then restarted to finish."""
+  workdir = str(tmp_path_factory.mktemp('resumed'))
+  train.train_and_evaluate(_config(num_train_steps=3), workdir)
+  state = train.train_and_evaluate(_config(), workdir)
+  return workdir, checkpoint.to_host(state)
+
+
+class TestTrainAndEvaluate:
+
+  def test_metrics_file_holds_the_documented_keys(self, uninterrupted):
+    workdir, _ = uninterrupted
+    records = reporting.read_metrics(workdir)
+    train_records = [r for r in records if 'train/loss' in r]
+    eval_records = [r for r in records if 'eval/loss' in r]
+    assert [r['step'] for r in train_records] == [2, 4, 6]
+    for record in train_records:
+      assert set(record) == TRAIN_KEYS | {'step'}
+    assert [r['step'] for r in eval_records] == [NUM_STEPS]
+    assert set(eval_records[0]) == EVAL_KEYS | {'step'}
+    # Every test example is scored once, the padding of the last batch not.
+    assert eval_records[0]['eval/num_examples'] == DIGITS_TEST_EXAMPLES
+    assert 0 <= eval_records[0]['eval/accuracy'] <= 1
+
+  def test_workdir_holds_config_done_and_checkpoints(self, uninterrupted):
+    workdir, state = uninterrupted
+    done = json.loads((pathlib.Path(workdir) / 'done.json').read_text())
+    assert done['step'] == NUM_STEPS == int(state.step)
+    assert done['eval/num_examples'] == DIGITS_TEST_EXAMPLES
+    saved = json.loads((pathlib.Path(workdir) / 'config.json').read_text())
+    assert saved['stage_sizes'] == [1, 1, 1]
+    steps = sorted(int(p.name) for p in
+                   (pathlib.Path(workdir) / 'checkpoints').iterdir())
+    assert steps == [3, 6]
+    assert list(pathlib.Path(workdir).glob('events.out.tfevents.*'))
+
+  def test_restarted_run_ends_bit_identical(self, uninterrupted, resumed):
+    (_, expected), (workdir, state) = uninterrupted, resumed
+    assert int(state.step) == NUM_STEPS
+    jax.tree.map(np.testing.assert_array_equal,
+                 (expected.params, expected.batch_stats, expected.opt_state,
+                  expected.rng),
+                 (state.params, state.batch_stats, state.opt_state,
+                  state.rng))
+    # The second part logged its own steps after the first part's.
+    steps = [r['step'] for r in reporting.read_metrics(workdir)
+             if 'train/loss' in r]
+    assert steps == [2, 3, 4, 6]
+
+  def test_restart_with_another_model_is_refused(self, resumed):
+    workdir, _ = resumed
+    with pytest.raises(ValueError, match=r'num_filters: 4 -> 8'):
+      train.train_and_evaluate(_config(num_filters=8), workdir)
