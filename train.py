@@ -15,8 +15,6 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from resnet import train
-
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for metrics, checkpoints and config.json.')
 config_flags.DEFINE_config_file(
@@ -28,9 +26,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported once the flags parsed, so that a misspelt flag fails at once.
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from resnet import train
+  # pylint: enable=g-import-not-at-top
   # tf.data only feeds the input pipeline; keep TensorFlow off the
   # accelerators so that JAX has all of their memory.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
   logging.info('JAX process %d of %d; %d local devices of %d: %s',

@@ -7,6 +7,8 @@ use configs/default.py:tiny on the digits and are shared between tests.
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -197,3 +199,45 @@ class TestTrainAndEvaluate:
     workdir, _ = resumed
     with pytest.raises(ValueError, match=r'num_filters: 4 -> 8'):
       train.train_and_evaluate(_config(num_filters=8), workdir)
+
+
+class TestValidation:
+
+  @pytest.mark.parametrize('fields, message', [
+      (dict(model='resnet21'), "Unknown model name 'resnet21'"),
+      (dict(dataset='no_such_dataset'), "dataset='no_such_dataset'"),
+      (dict(optimizer='adam'), "config.optimizer='adam'"),
+      (dict(schedule='step'), "config.schedule='step'"),
+      (dict(batch_size=0), 'config.batch_size=0 must be positive'),
+      (dict(batch_size=-32), 'config.batch_size=-32 must be positive'),
+      (dict(batch_size=30), 'batch_size=30 is not divisible by the 4'),
+      (dict(eval_batch_size=30), 'eval_batch_size=30 is not divisible'),
+      (dict(learning_rate=0.0), 'config.learning_rate=0.0 must be positive'),
+      (dict(learning_rate=-0.1), 'config.learning_rate=-0.1'),
+      (dict(num_train_steps=-1), 'config.num_train_steps=-1'),
+      (dict(num_train_steps=0, num_epochs=0.0), 'config.num_epochs=0.0'),
+      (dict(num_epochs=-1.0), 'config.num_epochs=-1.0'),
+      (dict(half_precision_dtype='float8'), 'half_precision_dtype'),
+  ])
+  def test_bad_config_is_refused_before_anything_runs(
+      self, tmp_path, fields, message):
+    workdir = tmp_path / 'run'
+    with pytest.raises(ValueError, match=message):
+      train.train_and_evaluate(_config(**fields), str(workdir))
+    assert not workdir.exists()
+
+  def test_workdir_that_is_a_file_is_refused(self, tmp_path):
+    path = tmp_path / 'a_file'
+    path.write_text('')
+    with pytest.raises(ValueError, match='is an existing file'):
+      train.train_and_evaluate(_config(), str(path))
+
+  def test_mistyped_config_field_fails_on_the_command_line(self, tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, 'train.py', '--config=configs/default.py:tiny',
+         f'--workdir={tmp_path / "run"}', '--config.learning_rat=0.2'],
+        cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert 'learning_rat' in result.stderr
+    assert not (tmp_path / 'run').exists()
