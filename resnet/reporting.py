@@ -95,7 +95,7 @@ def log_run(config: ml_collections.ConfigDict, plan, model,
             restored_step: int | None) -> None:
   """The start-of-run log: config, devices, batch, length, model, restore.
 
-  `plan` is the `train.RunPlan` of the run.
+  `plan` is the `plan.RunPlan` of the run.
   """
   logging.info('Config:\n%s', config)
   logging.info('Process %d of %d; %d local of %d devices: %s',

@@ -6,7 +6,6 @@ global batch, or groups of `bn_group_size` examples), and metrics are summed
 over it on the devices.
 """
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,10 +28,10 @@ from resnet import checkpoint
 from resnet import input_pipeline
 from resnet import models
 from resnet import optim
+from resnet import plan as plan_lib
 from resnet import reporting
 
 AXIS = 'batch'
-HALF_PRECISION_DTYPES = ('bfloat16', 'float16')
 TOP_K = 5
 
 
@@ -51,45 +50,8 @@ class TrainState(struct.PyTreeNode):
   dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-  """The batch arithmetic and length of a run, derived from the config."""
-  dataset_info: Any
-  device_count: int
-  local_device_count: int
-  local_batch_size: int
-  per_device_batch_size: int
-  steps_per_epoch: int
-  num_train_steps: int
-
-  @property
-  def num_epochs(self) -> float:
-    return self.num_train_steps / self.steps_per_epoch
-
-
 def compute_dtype(config: ml_collections.ConfigDict) -> str:
   return config.half_precision_dtype if config.half_precision else 'float32'
-
-
-def batchnorm_groups(config: ml_collections.ConfigDict, device_count: int,
-                     per_device_batch_size: int) -> list[list[int]] | None:
-  """Device groups over which BatchNorm takes statistics; None: all.
-
-  `bn_group_size` counts examples, so the statistics span the same number of
-  examples whatever the number of devices.
-  """
-  if config.bn_group_size == 0:
-    return None
-  size = config.bn_group_size
-  if (size < 0 or size % per_device_batch_size
-      or config.batch_size % size):
-    raise ValueError(
-        f'config.bn_group_size={size} must be 0 (the global batch) or a '
-        f'multiple of the per-device batch ({per_device_batch_size}) that '
-        f'divides config.batch_size={config.batch_size}.')
-  group = size // per_device_batch_size
-  return [list(range(start, start + group))
-          for start in range(0, device_count, group)]
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -299,68 +261,6 @@ def summarize_train_metrics(sums: dict[str, Any]) -> dict[str, float]:
   }
 
 
-def _check_workdir(workdir: str) -> None:
-  path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise ValueError(
-        f'workdir={workdir!r} is an existing file; accepted: a directory '
-        'or a path that does not exist yet.')
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields that need neither the data set nor the model.
-
-  Raises:
-    ValueError: naming the field, its value and what is accepted.
-  """
-  positive = ('batch_size', 'log_every_steps', 'checkpoints_to_keep',
-              'prefetch_size')
-  non_negative = ('eval_batch_size', 'eval_every_steps',
-                  'checkpoint_every_steps', 'num_train_steps', 'num_epochs')
-  for field in positive:
-    if config[field] <= 0:
-      raise ValueError(
-          f'config.{field}={config[field]} must be positive.')
-  for field in non_negative:
-    if config[field] < 0:
-      raise ValueError(
-          f'config.{field}={config[field]} must be zero or positive.')
-  if config.num_train_steps == 0 and config.num_epochs <= 0:
-    raise ValueError(
-        f'config.num_epochs={config.num_epochs} must be positive when '
-        'config.num_train_steps is 0 (the length comes from the epochs).')
-  if config.half_precision_dtype not in HALF_PRECISION_DTYPES:
-    raise ValueError(
-        f'config.half_precision_dtype={config.half_precision_dtype!r} is '
-        f'not supported; accepted: {", ".join(HALF_PRECISION_DTYPES)}.')
-  devices = jax.device_count()
-  for field in ('batch_size', 'eval_batch_size'):
-    if config[field] % devices:
-      raise ValueError(
-          f'config.{field}={config[field]} is not divisible by the '
-          f'{devices} devices; accepted: a multiple of {devices}.')
-
-
-def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
-  """Validates `config` and derives the batch sizes and the run's length."""
-  validate_config(config)
-  info = input_pipeline.get_dataset_info(config)
-  steps_per_epoch = info.num_train_examples // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f'config.batch_size={config.batch_size} exceeds the '
-        f'{info.num_train_examples} training examples of '
-        f'{config.dataset!r}; accepted: at most that many.')
-  num_train_steps = (config.num_train_steps or
-                     max(int(config.num_epochs * steps_per_epoch), 1))
-  return RunPlan(
-      dataset_info=info, device_count=jax.device_count(),
-      local_device_count=jax.local_device_count(),
-      local_batch_size=config.batch_size // jax.process_count(),
-      per_device_batch_size=config.batch_size // jax.device_count(),
-      steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains and evaluates as `config` says, writing to `workdir`.
@@ -374,10 +274,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   start_time = time.time()
   # Check the config, data set, model, optimizer and workdir first.
-  _check_workdir(workdir)
-  plan = plan_run(config)
-  groups = batchnorm_groups(config, plan.device_count,
-                            plan.per_device_batch_size)
+  plan_lib.check_workdir(workdir)
+  plan = plan_lib.plan_run(config)
+  groups = plan_lib.batchnorm_groups(config, plan.device_count,
+                                     plan.per_device_batch_size)
   model = create_model(config, plan.dataset_info.num_classes, groups)
   tx = optim.create_optimizer(config)
   learning_rate_fn = optim.create_learning_rate_fn(
@@ -427,17 +327,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     timer.add('input_s', waited)
 
     # Run one step; donation reuses the state's buffers in place.
+    dispatched = time.perf_counter()
     state, sums = p_train_step(state, sums, batch)
 
     # Time the first step apart: it holds the compilation.
     if step == start_step + 1:
       jax.block_until_ready(sums)
-      logging.info('Compiled and ran the first step in %.1f s.',
-                   time.perf_counter() - timer.start)
+      logging.info('Compiled and ran the first step in %.1f s, after '
+                   '%.1f s waiting for the first batch.',
+                   time.perf_counter() - dispatched, timer.input_s)
       timer.reset()
       last_log_step = step
-    if progress:
-      progress(step)
 
     # Every log_every_steps, fetch the summed metrics (the only sync).
     if step % config.log_every_steps == 0 or step == num_steps:
@@ -448,6 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       sums = replicate(zero_train_metrics())
       timer.reset()
       last_log_step = step
+    # After the sync, so that its steps/s and ETA count finished steps.
+    if progress:
+      progress(step)
 
     # Evaluate every eval_every_steps and at the end; checkpoint after.
     started = time.perf_counter()
@@ -472,8 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Wait for the last checkpoint, then mark the run as done.
   manager.wait_until_finished()
   manager.close()
-  writer.flush()
+  writer.close()
   if is_writer:
     reporting.write_done(workdir, max(start_step, num_steps),
-                time.time() - start_time, eval_metrics)
+                         time.time() - start_time, eval_metrics)
   return state

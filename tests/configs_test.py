@@ -8,6 +8,7 @@ from configs import default
 from configs import imagenet
 from configs import imagenet_pod
 from resnet import optim
+from resnet import plan
 from resnet import train
 
 # Training examples per data set, to derive steps per epoch offline.
@@ -26,7 +27,7 @@ CONFIGS = [
 @pytest.mark.parametrize('module, arg', CONFIGS)
 def test_config_validates(module, arg):
   config = module.get_config(arg)
-  train.validate_config(config)
+  plan.validate_config(config)
   model = train.create_model(config, num_classes=10)
   assert model.stage_sizes
   steps_per_epoch = TRAIN_EXAMPLES[config.dataset] // config.batch_size
@@ -71,8 +72,9 @@ def test_unknown_variant_lists_the_accepted_ones(module, arg):
 
 def test_batchnorm_groups_span_a_fixed_number_of_examples():
   config = imagenet_pod.get_config('')
-  groups = train.batchnorm_groups(config, device_count=128,
+  groups = plan.batchnorm_groups(config, device_count=128,
                                   per_device_batch_size=32)
   assert len(groups) == 16 and groups[1] == list(range(8, 16))
   with pytest.raises(ValueError, match='bn_group_size=256'):
-    train.batchnorm_groups(config, device_count=8, per_device_batch_size=512)
+    plan.batchnorm_groups(config, device_count=8,
+                          per_device_batch_size=512)
