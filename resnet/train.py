@@ -51,6 +51,7 @@ class TrainState(struct.PyTreeNode):
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> str:
+  """The dtype convs and BatchNorm compute in; parameters stay float32."""
   return config.half_precision_dtype if config.half_precision else 'float32'
 
 
@@ -87,9 +88,10 @@ def create_train_state(config: ml_collections.ConfigDict, model,
     params = variables['params']
     scale = None
     if config.half_precision and config.half_precision_dtype == 'float16':
+      # Arrays rather than Python numbers, so that pmap and orbax see them.
       scale = dynamic_scale_lib.DynamicScale(
           fin_steps=jnp.zeros((), jnp.int32),
-          scale=jnp.asarray(2.0**15, jnp.float32))
+          scale=jnp.asarray(2.0**16, jnp.float32))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get('batch_stats', {}),
