@@ -355,19 +355,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       progress(step)
 
     # Evaluate every eval_every_steps and at the end; checkpoint after.
-    started = time.perf_counter()
     is_eval_step = step == num_steps or (
         config.eval_every_steps and step % config.eval_every_steps == 0)
-    if is_eval_step:
-      eval_metrics = evaluate(p_eval_step, state, eval_batches)
-      writer.write_scalars(step, eval_metrics)
-      logging.info('Epoch %.2f: eval accuracy %.4f.',
-                   step / plan.steps_per_epoch, eval_metrics['eval/accuracy'])
     if is_eval_step or (config.checkpoint_every_steps and
                         step % config.checkpoint_every_steps == 0):
+      # Let the queued steps finish, so that their time counts as steps.
+      jax.block_until_ready(state)
+      started = time.perf_counter()
+      if is_eval_step:
+        eval_metrics = evaluate(p_eval_step, state, eval_batches)
+        writer.write_scalars(step, eval_metrics)
+        logging.info('Epoch %.2f: eval accuracy %.4f.', step /
+                     plan.steps_per_epoch, eval_metrics['eval/accuracy'])
       checkpoint.save(manager, step, checkpoint.to_host(state),
                       eval_metrics if is_eval_step else None)
-    timer.add('other_s', started)
+      timer.add('other_s', started)
 
   # A run restored at its end only evaluates.
   if start_step >= num_steps:
