@@ -224,7 +224,9 @@ class TestReport:
         10: {'step': 10, 'train/accuracy': 0.5, 'eval/accuracy': 0.4},
         20: {'step': 20, 'train/accuracy': 0.7}}
 
-  def test_report_table_and_figure(self, tmp_path):
+  def test_report_table_and_figure(self, tmp_path, monkeypatch):
+    # Counting needs the real configs; the end-to-end test counts them.
+    monkeypatch.setattr(sweep_report, 'count_params', lambda config: 68050)
     runs = self._runs(tmp_path)
     workdir = tmp_path / 'sweep'
     done_dir = workdir / 'plain20'
@@ -256,11 +258,13 @@ class TestReport:
     assert float(rows[0]['final_test_error_pct']) == pytest.approx(22.0)
     assert float(rows[0]['best_test_error_pct']) == pytest.approx(20.0)
     assert float(rows[0]['wall_time_s']) == pytest.approx(62, abs=0.5)
+    assert rows[0]['params'] == '68050'
     assert rows[1]['steps'] == '100' and rows[1]['final_test_error_pct'] == ''
     assert rows[2]['status'] == 'no metrics'
     report = (workdir / 'report.md').read_text()
     assert 'No metrics: resnet32.' in report
-    assert '| plain20 |' in report
+    assert '| plain20 | plain20 | done | 300 | 5.00 | 22.00 | 20.00 | 62 |' \
+        ' 0.07M |' in report
     assert (workdir / 'errors.png').stat().st_size > 10_000
 
 
