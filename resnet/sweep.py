@@ -212,7 +212,15 @@ def _check_field(config, key: str, value: Any, where: str) -> None:
         f'{current!r}')
 
 
+# Config fields that become `models.create` overrides; '', 0 and () keep
+# the model's default, as in resnet.train.create_model (not imported here:
+# it loads TensorFlow, seconds that `list` would pay).
+MODEL_FIELDS = ('shortcut', 'version', 'preactivation', 'zero_init_residual',
+                'num_filters', 'stage_sizes')
+
+
 def _check_model(config, where: str) -> None:
+  """Builds the run's network (no parameters) to check name and options."""
   if 'model' not in config:
     return
   # Imported here: jax and flax load only once a sweep is being checked.
@@ -220,6 +228,12 @@ def _check_model(config, where: str) -> None:
   if config.model not in models.names():
     raise ValueError(f'{where}: unknown model {config.model!r}; accepted: '
                      f'{", ".join(models.names())}')
+  options = {field: config[field] for field in MODEL_FIELDS
+             if field in config and config[field] not in ('', 0, ())}
+  try:
+    models.create(config.model, num_classes=10, **options)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from e
 
 
 def _flag_text(value: Any) -> str:

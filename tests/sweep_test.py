@@ -171,6 +171,14 @@ class TestValidation:
     with pytest.raises(ValueError, match='do not survive the command line'):
       sweep_lib.expand(sweep_lib.load_sweep(path), path)
 
+  def test_model_options_are_checked(self, tmp_path):
+    # Plain nets have no shortcut to choose.
+    path = write_sweep(tmp_path, "product(axis('model', ['plain20']), "
+                       "axis('shortcut', ['B']))", config='configs/default.py')
+    with pytest.raises(ValueError, match=r'run 0 \(model=plain20,shortcut=B'
+                       r'\): .*shortcut'):
+      sweep_lib.expand(sweep_lib.load_sweep(path), path)
+
   def test_unknown_model_lists_the_zoo(self, tmp_path):
     path = write_sweep(tmp_path, "axis('model', ['resnet20', 'resnet21'])")
     with pytest.raises(ValueError) as e:
