@@ -36,7 +36,10 @@ def main(argv):
         f'expected one command, got {argv[1:]}; accepted: {COMMANDS}')
   name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
   workdir = _WORKDIR.value or os.path.join('sweeps', name)
-  runs = sweep_lib.expand(sweep_lib.load_sweep(_SWEEP.value), _SWEEP.value)
+  try:
+    runs = sweep_lib.expand(sweep_lib.load_sweep(_SWEEP.value), _SWEEP.value)
+  except ValueError as e:
+    sys.exit(f'No run started: {e}')
   logging.info('%s: %d runs validated; sweep dir %s', _SWEEP.value, len(runs),
                workdir)
 
