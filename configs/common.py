@@ -69,4 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: only at the end.
   config.checkpoint_every_steps = 0  # 0: after evaluations and at the end.
   config.checkpoints_to_keep = 3  # Plus the best by eval accuracy.
+
+  # Multi-host robustness (resnet/distributed.py).
+  # Steps between two checks that all processes agree on a SIGTERM; each
+  # check is a tiny all-gather that waits for the devices, hence not every
+  # step. Keep (steps x step time) well inside the preemption grace period.
+  config.preemption_check_every_steps = 10
+  # False: a non-finite training loss stops the run with an error. True:
+  # such steps leave the state unchanged and count in train/skipped_steps.
+  config.skip_nonfinite_steps = False
   return config

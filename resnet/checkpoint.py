@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any, TypeVar
 
+from absl import logging
 from etils import epath
 import flax.serialization
 import jax
@@ -68,6 +69,19 @@ def _best_metric(metrics) -> float:
   return metrics.get(BEST_METRIC, -math.inf) if metrics else -math.inf
 
 
+def _report_partial_saves(directory: epath.Path) -> None:
+  # Orbax writes step N into `N.orbax-checkpoint-tmp...` and renames it to N
+  # only once every process has written its part, so a leftover temporary
+  # directory is a save that was interrupted. The manager never lists it,
+  # and `cleanup_tmp_directories` deletes it when the manager starts.
+  if directory.exists():
+    partial = sorted(p.name for p in directory.iterdir()
+                     if '.orbax-checkpoint-tmp' in p.name)
+    if partial:
+      logging.warning('Removing the incomplete checkpoints of an interrupted '
+                      'save in %s: %s.', directory, ', '.join(partial))
+
+
 def create_manager(workdir: str,
                    checkpoints_to_keep: int) -> ocp.CheckpointManager:
   """Keeps the latest `checkpoints_to_keep` plus the best by eval accuracy."""
@@ -80,8 +94,9 @@ def create_manager(workdir: str,
       cleanup_tmp_directories=True)
   # Orbax wants an absolute path; cloud paths (gs://...) already are.
   root = workdir if '://' in workdir else os.path.abspath(workdir)
-  return ocp.CheckpointManager(
-      epath.Path(root) / CHECKPOINT_DIR, options=options)
+  directory = epath.Path(root) / CHECKPOINT_DIR
+  _report_partial_saves(directory)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, host_state,
@@ -110,6 +125,8 @@ def restore_latest(manager: ocp.CheckpointManager,
     return host_state, None
   target = flax.serialization.to_state_dict(host_state)
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  logging.info('Restored %s, the newest complete checkpoint (steps saved: '
+               '%s).', manager.directory / str(step), manager.all_steps())
   return flax.serialization.from_state_dict(host_state, restored), step
 
 

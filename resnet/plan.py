@@ -68,7 +68,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ValueError: naming the field, its value and what is accepted.
   """
   positive = ('batch_size', 'log_every_steps', 'checkpoints_to_keep',
-              'prefetch_size')
+              'prefetch_size', 'preemption_check_every_steps')
   non_negative = ('eval_batch_size', 'eval_every_steps',
                   'checkpoint_every_steps', 'num_train_steps', 'num_epochs')
   for field in positive:

@@ -7,6 +7,7 @@ over it on the devices.
 """
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 from resnet import checkpoint
+from resnet import distributed
 from resnet import input_pipeline
 from resnet import models
 from resnet import optim
@@ -141,11 +143,14 @@ def train_step(state: TrainState, metrics: dict[str, jax.Array],
                batch: dict[str, jax.Array], *, model,
                tx: optax.GradientTransformation,
                learning_rate_fn: optim.LearningRateFn,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0,
+               skip_nonfinite: bool = False):
   """One SGD step on this device's shard; run under pmap over 'batch'.
 
   A step whose averaged gradients are not finite changes nothing but the
-  step counter and the loss scale, and is counted in `skipped_steps`.
+  step counter and the loss scale, and is counted in `skipped_steps`. With
+  `skip_nonfinite` it also stays out of the loss and accuracy sums;
+  otherwise its loss, NaN or infinite, reaches them and stops the run.
   Returns the new state and `metrics` plus this step's sums.
   """
   step_key = jax.random.fold_in(state.rng, state.step)
@@ -189,6 +194,8 @@ def train_step(state: TrainState, metrics: dict[str, jax.Array],
       'correct': jnp.sum(jnp.argmax(logits, -1) == batch['label']),
       'count': batch['label'].shape[0],
   }, AXIS)
+  if skip_nonfinite:
+    sums = jax.tree.map(lambda s: jnp.where(finite, s, 0), sums)
   metrics = {
       'loss_sum': metrics['loss_sum'] + sums['loss_sum'],
       'correct': metrics['correct'] + sums['correct'],
@@ -217,11 +224,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model):
 def make_p_train_step(model, tx: optax.GradientTransformation,
                       learning_rate_fn: optim.LearningRateFn,
                       label_smoothing: float = 0.0,
-                      devices: Sequence[jax.Device] | None = None):
+                      devices: Sequence[jax.Device] | None = None,
+                      skip_nonfinite: bool = False):
   """`train_step` pmapped over `devices`, donating the state and sums."""
   step = functools.partial(
       train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-      label_smoothing=label_smoothing)
+      label_smoothing=label_smoothing, skip_nonfinite=skip_nonfinite)
   return jax.pmap(step, axis_name=AXIS, devices=devices,
                   donate_argnums=(0, 1))
 
@@ -263,6 +271,33 @@ def summarize_train_metrics(sums: dict[str, Any]) -> dict[str, float]:
   }
 
 
+def check_loss_finite(sums: dict[str, Any], first_step: int,
+                      last_step: int, manager) -> None:
+  """Stops the run if the mean training loss in `sums` is NaN or infinite.
+
+  Called before every metrics write and checkpoint save with the sums of
+  the steps since the last call, so that no checkpoint is saved after a bad
+  step and the newest one is the last good one. The sums are reduced over
+  all devices, so every process takes the same decision.
+
+  Raises:
+    FloatingPointError: naming the steps and the last good checkpoint.
+  """
+  loss = summarize_train_metrics(checkpoint.to_host(sums))['train/loss']
+  if math.isfinite(loss):
+    return
+  manager.wait_until_finished()
+  good = manager.latest_step()
+  saved = ('no checkpoint was saved before them' if good is None else
+           f'the last good checkpoint, step {good} in '
+           f'{manager.directory / str(good)}, is intact and a restart '
+           'resumes from it')
+  raise FloatingPointError(
+      f'Training loss is {loss} in steps {first_step}-{last_step}; {saved}. '
+      'Lower the learning rate, or set config.skip_nonfinite_steps=True to '
+      'skip such steps.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains and evaluates as `config` says, writing to `workdir`.
@@ -273,6 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: for a bad config or workdir, before anything is compiled.
+    FloatingPointError: when the training loss is not finite.
+    distributed.Preempted: after saving, once any process got SIGTERM
+      (inside `distributed.catch_sigterm`).
   """
   start_time = time.time()
   # Check the config, data set, model, optimizer and workdir first.
@@ -307,8 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = input_pipeline.prefetch_to_device(
       input_pipeline.create_train_iterator(config, start_step=start_step),
       config.prefetch_size)
-  p_train_step = make_p_train_step(model, tx, learning_rate_fn,
-                                   config.label_smoothing)
+  p_train_step = make_p_train_step(
+      model, tx, learning_rate_fn, config.label_smoothing,
+      skip_nonfinite=config.skip_nonfinite_steps)
   p_eval_step = make_p_eval_step(model)
   eval_batches = input_pipeline.create_eval_iterator(config)
   progress = (periodic_actions.ReportProgress(
@@ -316,7 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       every_secs=None) if is_writer else None)
   sums = replicate(zero_train_metrics())
   timer = reporting.LoopTimer()
-  last_log_step = start_step
+  # Steps up to `checked_step` had a finite loss.
+  last_log_step = checked_step = start_step
   eval_metrics = {}
 
   logging.info('Training steps %d to %d; the first step compiles.',
@@ -343,6 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     # Every log_every_steps, fetch the summed metrics (the only sync).
     if step % config.log_every_steps == 0 or step == num_steps:
+      check_loss_finite(sums, checked_step + 1, step, manager)
+      checked_step = step
       scalars = summarize_train_metrics(checkpoint.to_host(sums))
       if step > last_log_step:
         scalars.update(timer.speed(step - last_log_step, config.batch_size))
@@ -367,9 +409,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         writer.write_scalars(step, eval_metrics)
         logging.info('Epoch %.2f: eval accuracy %.4f.', step /
                      plan.steps_per_epoch, eval_metrics['eval/accuracy'])
+      check_loss_finite(sums, checked_step + 1, step, manager)
+      checked_step = step
       checkpoint.save(manager, step, checkpoint.to_host(state),
                       eval_metrics if is_eval_step else None)
       timer.add('other_s', started)
+
+    # After a preemption notice, all processes save this step and stop.
+    if step < num_steps and distributed.should_stop(
+        step, config.preemption_check_every_steps):
+      check_loss_finite(sums, checked_step + 1, step, manager)
+      checkpoint.save(manager, step, checkpoint.to_host(state))
+      manager.wait_until_finished()
+      manager.close()
+      writer.close()
+      raise distributed.Preempted(step, str(manager.directory))
 
   # A run restored at its end only evaluates.
   if start_step >= num_steps:
