@@ -381,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       timer.reset()
       last_log_step = step
 
-    # Every log_every_steps, fetch the summed metrics (the only sync).
+    # Every log_every_steps, fetch the summed metrics (the only sync, with
+    # the preemption check of a multi-process run).
     if step % config.log_every_steps == 0 or step == num_steps:
       check_loss_finite(sums, checked_step + 1, step, manager)
       checked_step = step
