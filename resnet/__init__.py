@@ -2,5 +2,6 @@
 
 Modules: `models` (the Linen networks), `input_pipeline`, `preprocessing`
 and `digits` (TFDS and tf.data), `train`, `optim`, `plan`, `checkpoint` and
-`reporting` (the training library), `sweep` and `sweep_report` (ablations).
+`reporting` (the training library), `distributed` (multi-host start-up and
+preemption), `sweep` and `sweep_report` (ablations).
 """
