@@ -47,8 +47,10 @@ def test_step_mode_reports_required_figures(step_json):
   assert step_json['devices'] == 2
   assert (step_json['batch'], step_json['dtype']) == (32, 'float32')
   assert step_json['peak_source'] == 'measured matmul'
-  # XLA counts every conv, so at least the hand count of conv and dense.
-  assert step_json['flops_per_image'] >= step_json['model_flops_per_image']
+  # XLA's count is near 3x the forward multiply-adds x 2 (it skips the
+  # stem's input gradient and adds BatchNorm): within a factor of two.
+  ratio = step_json['flops_per_image'] / step_json['model_flops_per_image']
+  assert 0.5 < ratio < 2, ratio
 
 
 def test_step_mode_uses_given_peak_and_image_size():
