@@ -18,6 +18,7 @@ as a table or as one JSON object:
 
 import contextlib
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from resnet import cpu_conv
 from resnet import input_pipeline
 from resnet import models
 from resnet import optim
@@ -209,6 +211,8 @@ def _describe(config, setup: StepSetup) -> dict[str, Any]:
       'image_size': setup.image_shape[0],
       'devices': len(setup.devices),
       'platform': setup.devices[0].platform,
+      'cpu_conv': cpu_conv.enabled(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 

@@ -13,15 +13,19 @@ dilated), it is `lax.conv_general_dilated` itself.
 
 The stacked windows take kernel-height x kernel-width times the memory of
 the layer's input for the backward pass, a cost CPU training can afford.
+Set RESNET_CPU_CONV=0 to use XLA's kernel gradient everywhere (read when a
+step is traced).
 """
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
+ENV = 'RESNET_CPU_CONV'
 _NHWC = (0, 3, 1, 2)  # (batch, feature, spatial...) positions in NHWC.
 _HWIO = (3, 2, 0, 1)  # (out, in, spatial...) positions in HWIO.
 
@@ -40,6 +44,12 @@ def _is_plain(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation,
           and tuple(numbers.out_spec) == _NHWC)
 
 
+def enabled() -> bool:
+  """Whether the kernel gradient here is used (on CPU, unless turned off)."""
+  return (jax.default_backend() == 'cpu'
+          and os.environ.get(ENV, '1').strip() != '0')
+
+
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1,
@@ -50,7 +60,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   Takes the arguments of `lax.conv_general_dilated`, so that it can be
   passed as `flax.linen.Conv(conv_general_dilated=...)`.
   """
-  if (jax.default_backend() != 'cpu' or not _is_plain(
+  if (not enabled() or not _is_plain(
       lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation,
       feature_group_count, batch_group_count)):
     return lax.conv_general_dilated(

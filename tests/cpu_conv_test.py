@@ -83,3 +83,20 @@ def test_flax_conv_accepts_it():
   np.testing.assert_allclose(
       grads(fast)['params']['kernel'], grads(default)['params']['kernel'],
       rtol=1e-4, atol=1e-4)
+
+
+def test_environment_turns_it_off(monkeypatch):
+  assert cpu_conv.enabled()  # The tests run on CPU.
+  monkeypatch.setenv(cpu_conv.ENV, '0')
+  assert not cpu_conv.enabled()
+  images = jnp.ones((1, 4, 4, 2))
+  kernel = jnp.ones((3, 3, 2, 2))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
+      cpu_conv.conv_general_dilated(images, w, (1, 1), 'SAME',
+                                    dimension_numbers=DIMENSIONS))))(kernel)
+  assert 'concatenate' not in str(jaxpr)  # No stacked windows.
+  monkeypatch.delenv(cpu_conv.ENV)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
+      cpu_conv.conv_general_dilated(images, w, (1, 1), 'SAME',
+                                    dimension_numbers=DIMENSIONS))))(kernel)
+  assert 'concatenate' in str(jaxpr)
