@@ -364,10 +364,12 @@ def benchmark_loop(config: ml_collections.ConfigDict, *,
 def format_table(rows: Sequence[dict[str, Any]],
                  columns: Sequence[str]) -> str:
   """A plain-text table of `columns` of `rows`, one row per result (one
-  line per column for a single result); floats to 3 significant figures."""
+  line per column for a single result); floats to about 3 figures."""
   def cell(value):
     if isinstance(value, float):
-      return f'{value:.3g}' if abs(value) < 1e5 else f'{value:.3e}'
+      if abs(value) >= 1e5:
+        return f'{value:.3e}'
+      return f'{value:.0f}' if abs(value) >= 100 else f'{value:.3g}'
     return '' if value is None else str(value)
 
   if len(rows) == 1:
