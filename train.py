@@ -1,0 +1,46 @@
+"""Trains and evaluates a ResNet: a thin launcher over resnet.train.
+
+  python train.py --config=configs/cifar10.py:resnet56 --workdir=runs/r56 \
+      --config.batch_size=256
+
+The text after the colon picks the config's variant; `--config.<field>`
+overrides any field, and a misspelt field is an error. Metrics, TensorBoard
+events and checkpoints go to --workdir; rerunning the same command resumes
+from the newest checkpoint there. `make train` runs configs/default.py.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for metrics, checkpoints and config.json.')
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with :variant.',
+    lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported once the flags parsed, so that a misspelt flag fails at once.
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from resnet import train
+  # pylint: enable=g-import-not-at-top
+  # tf.data only feeds the input pipeline; keep TensorFlow off the
+  # accelerators so that JAX has all of their memory.
+  tf.config.set_visible_devices([], 'GPU')
+
+  logging.info('JAX process %d of %d; %d local devices of %d: %s',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.local_devices())
+  train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
