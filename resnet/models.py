@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet import cpu_conv
+
 # Layer factories with some arguments bound (see ResNet.__call__).
 ModuleDef = Callable[..., nn.Module]
 
@@ -182,9 +184,12 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    # On XLA:CPU, cpu_conv's kernel gradient is several times faster than
+    # XLA's; elsewhere it is lax's convolution.
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=conv_kernel_init)
+        kernel_init=conv_kernel_init,
+        conv_general_dilated=cpu_conv.conv_general_dilated)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
