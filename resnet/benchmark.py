@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from resnet import cpu_conv
+from resnet import cpu_ops
 from resnet import input_pipeline
 from resnet import models
 from resnet import optim
@@ -211,7 +211,7 @@ def _describe(config, setup: StepSetup) -> dict[str, Any]:
       'image_size': setup.image_shape[0],
       'devices': len(setup.devices),
       'platform': setup.devices[0].platform,
-      'cpu_conv': cpu_conv.enabled(),
+      'cpu_ops': cpu_ops.mode(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 

@@ -79,12 +79,12 @@ def _launch(workdir: str, num_processes: int, *flags: str,
             logs: str = 'logs', start_only: bool = False):
   """Runs (or only starts) the worker; logs go to `<workdir>_<logs>/`."""
   args = [_WORKER, f'--config={_CONFIG}', f'--workdir={workdir}', *flags]
-  # NOTE: with XLA's own convolution gradient (RESNET_CPU_CONV=0). With
-  # resnet/cpu_conv.py's, 2 processes x 2 devices and 1 x 4 ended 6 steps
+  # NOTE: with XLA's own convolution gradient (RESNET_CPU_OPS=0). With
+  # resnet/cpu_ops.py's, 2 processes x 2 devices and 1 x 4 ended 6 steps
   # up to 9e-5 apart (XLA's: 2e-6): rounding, but above the tolerance below.
   kwargs = dict(num_processes=num_processes,
                 devices_per_process=4 // num_processes,
-                log_dir=f'{workdir}_{logs}', env={'RESNET_CPU_CONV': '0'})
+                log_dir=f'{workdir}_{logs}', env={'RESNET_CPU_OPS': '0'})
   if start_only:
     return multiprocess.start(args, **kwargs)
   return multiprocess.run(
