@@ -298,6 +298,13 @@ def check_loss_finite(sums: dict[str, Any], first_step: int,
       'skip such steps.')
 
 
+def _close(manager, writer) -> None:
+  """Waits for the checkpoint being written, then closes both."""
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains and evaluates as `config` says, writing to `workdir`.
@@ -421,9 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         step, config.preemption_check_every_steps):
       check_loss_finite(sums, checked_step + 1, step, manager)
       checkpoint.save(manager, step, checkpoint.to_host(state))
-      manager.wait_until_finished()
-      manager.close()
-      writer.close()
+      _close(manager, writer)
       raise distributed.Preempted(step, str(manager.directory))
 
   # A run restored at its end only evaluates.
@@ -432,9 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_scalars(start_step, eval_metrics)
 
   # Wait for the last checkpoint, then mark the run as done.
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  _close(manager, writer)
   if is_writer:
     reporting.write_done(workdir, max(start_step, num_steps),
                          time.time() - start_time, eval_metrics)
