@@ -117,7 +117,8 @@ class ResidualBlock(nn.Module):
 
     if self.shortcut is not None:
       y = y + _shortcut(self, x, activated, convs[-1][0])
-    return y if self.preactivation else nn.relu(y)
+    # The next block's kernel gradients read this; on CPU, write it once.
+    return cpu_ops.materialize(y if self.preactivation else nn.relu(y))
 
 
 class BottleneckBlock(ResidualBlock):
@@ -186,6 +187,7 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     # On XLA:CPU, cpu_ops' 1x1 convolutions and max pool are two to four
     # times faster than XLA's own; elsewhere they are lax's and flax's.
+    # Blocks pass their outputs through cpu_ops.materialize likewise.
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from resnet import cpu_ops
+from resnet import models
 
 DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -176,3 +177,60 @@ def test_unknown_setting_is_rejected_with_the_accepted_ones(monkeypatch):
   monkeypatch.setenv(cpu_ops.ENV, 'fast')
   with pytest.raises(ValueError, match=r"RESNET_CPU_OPS='fast'.*im2col"):
     cpu_ops.mode()
+
+
+@pytest.mark.parametrize('strategy', ['dot', 'xla'])
+def test_materialize_is_the_identity_in_value_and_gradient(monkeypatch,
+                                                           strategy):
+  monkeypatch.setenv(cpu_ops.ENV, strategy)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 4))
+  # A NaN first entry takes the other branch, which is x too.
+  nan_first = x.at[0, 0, 0, 0].set(jnp.nan)
+  for value in (x, nan_first, x.astype(jnp.bfloat16)):
+    np.testing.assert_array_equal(
+        jax.jit(cpu_ops.materialize)(value), value)
+  loss = lambda f: lambda v: jnp.sum(jnp.sin(f(v)) * v)
+  np.testing.assert_allclose(jax.grad(loss(cpu_ops.materialize))(x),
+                             jax.grad(loss(lambda v: v))(x), rtol=1e-6)
+
+
+def test_materialize_writes_a_conditional_on_cpu_only_when_enabled(
+    monkeypatch):
+  x = jnp.ones((1, 2, 2, 3))
+  program = lambda: str(jax.make_jaxpr(jax.grad(
+      lambda v: jnp.sum(cpu_ops.materialize(v) ** 2)))(x))
+  monkeypatch.setenv(cpu_ops.ENV, 'dot')
+  assert program().count('cond[') == 2  # Forward and gradient.
+  monkeypatch.setenv(cpu_ops.ENV, 'xla')
+  assert 'cond' not in program()
+  assert cpu_ops.materialize(x) is x
+
+
+# Sizes that leave BatchNorm at least 16 values per channel in every stage:
+# over fewer, normalisation magnifies rounding differences.
+@pytest.mark.parametrize('name,overrides,size', [
+    ('resnet20', {'stage_sizes': (1, 1, 1), 'num_filters': 4}, 16),
+    ('resnet50', {'stage_sizes': (1, 1, 1, 1), 'num_filters': 4}, 64),
+])
+def test_whole_network_is_the_same_under_every_strategy(monkeypatch, name,
+                                                        overrides, size):
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
+  model = models.create(name, num_classes=3, **overrides)
+
+  def outputs(strategy):
+    monkeypatch.setenv(cpu_ops.ENV, strategy)
+    variables = model.init(jax.random.PRNGKey(1), images, train=False)
+
+    def loss(params):
+      logits, updated = model.apply(
+          {**variables, 'params': params}, images, train=True,
+          mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits)), (logits, updated)
+    (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+        variables['params'])
+    return aux, grads
+
+  expected = outputs('xla')
+  for strategy in ('dot', 'im2col'):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                   atol=1e-5), outputs(strategy), expected)
