@@ -181,7 +181,7 @@ def max_pool(x: jax.Array, window: tuple[int, int],
 def materialize(x: jax.Array) -> jax.Array:
   """`x`, written to memory once on CPU rather than recomputed by each of
   its consumers' fusions (see the module docstring); the identity
-  elsewhere, where a conditional would cost a device-to-host sync.
+  elsewhere, where each conditional would copy its predicate to the host.
 
   Both branches return `x` (the second as x + 0, so that XLA does not
   merge them); the predicate, read from `x`, only keeps XLA from folding
