@@ -71,12 +71,13 @@ class Block(nn.Module):
 
 
 def create(model: str, num_classes: int) -> nn.Module:
-  depth = int(model.removeprefix('resnet'))
+  digits = model.removeprefix('resnet')
+  depth = int(digits) if model.startswith('resnet') and digits.isdigit() else 0
   if depth in IMAGENET:
     kind, stage_sizes = IMAGENET[depth]
     width, shortcut = 64, 'B'
     stem = [conv_norm(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-  elif (depth - 2) % 6 == 0:
+  elif depth > 2 and (depth - 2) % 6 == 0:
     kind, stage_sizes = 'basic', ((depth - 2) // 6,) * 3
     width, shortcut = 16, 'A'
     stem = [conv_norm(3, 16, 3), nn.ReLU()]

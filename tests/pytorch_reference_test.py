@@ -28,6 +28,7 @@ def test_same_parameters_and_outputs_as_resnet_models(name, num_classes,
   assert tuple(logits.shape) == (2, num_classes)
 
 
-def test_unknown_model_is_rejected():
-  with pytest.raises(ValueError, match="model='resnet21'"):
-    pytorch_reference.create('resnet21', 10)
+@pytest.mark.parametrize('name', ['resnet21', 'plain20', 'resnet', 'resnet2'])
+def test_unknown_model_is_rejected(name):
+  with pytest.raises(ValueError, match=f"model='{name}'; accepted"):
+    pytorch_reference.create(name, 10)
